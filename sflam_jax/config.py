@@ -1,0 +1,183 @@
+"""The common experiment config and its validation.
+
+Every file in configs/ starts from ``base_config()`` and overrides a few fields. ``validate`` runs once
+at start-up and raises ``ValueError`` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sflam_jax.data.datasets import DEBIAN_FASHION_MNIST
+from sflam_jax.models.vit import PRESETS
+
+ALGORITHMS = ("sflam",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """SFLAM on Fashion-MNIST (Debian's dataset-fashion-mnist files) with the "mini" ViT."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.algorithm = "sflam"
+    c.num_rounds = 60
+    c.eval_every = 5
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "idx"  # "idx": a directory of MNIST-layout IDX files; "tfds": data.name
+    c.data.idx_dir = DEBIAN_FASHION_MNIST
+    c.data.name = "fashion_mnist"  # TFDS name, used when source == "tfds"
+    c.data.data_dir = ""  # TFDS data_dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.download = False  # let TFDS download when the dataset is not prepared
+    c.data.num_clients = 50  # K
+    c.data.partition = "dirichlet"  # or "iid"
+    c.data.alpha = 0.5  # Dirichlet concentration of the non-IID split
+    c.data.min_client_samples = 1
+    c.data.image_size = 0  # model input size in px; 0 = the data's own size
+    c.data.mean = (0.5,)  # per-channel normalisation on the [0, 1] scale
+    c.data.std = (0.5,)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "mini"  # one of models.vit.PRESETS
+    c.model.patch_size = 0  # 0 = the preset's
+    c.model.cut_layer = 0  # blocks on the device; 0 = embedding only (the paper's code)
+    c.model.layer_norm_eps = 1e-6
+
+    c.aqt = ml_collections.ConfigDict()
+    c.aqt.enabled = True  # AQT integer matmuls (on a CPU they are emulated, see README)
+    c.aqt.client = True  # quantize the device segment's matmuls
+    c.aqt.server = False  # quantize the server segment's matmuls
+    c.aqt.fwd_bits = 8  # 0 = float forward
+    c.aqt.bwd_bits = 8  # 0 = float backward
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.up_bits = 8  # cut-layer uplink bits (32 = float32)
+    c.quant.down_bits = 32  # downlink gradient bits (32 = float32)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.clients_per_round = 10  # S
+    c.train.local_epochs = 1  # E
+    c.train.batch_size = 32  # B
+    c.train.chunk_size = 0  # clients vmapped at once; 0 = all S
+    c.train.eval_batch_size = 500
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # "sgd", "adam", "adamw"
+    c.optimizer.learning_rate = 0.05
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 0.0
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 5  # rounds between checkpoints (the last round is always saved)
+    c.checkpoint.max_to_keep = 2
+
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.tensorboard = False  # also write TensorBoard event files (needs tensorboardX)
+    c.metrics.progress = True  # progress bar on stderr
+    return c
+
+
+def _fail(field: str, value, allowed: str):
+    raise ValueError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def _int_in(cfg, field: str, lo: int, hi: int | None = None) -> None:
+    value = _get(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, value, "must be an integer")
+    if value < lo or (hi is not None and value > hi):
+        _fail(field, value, f"must be in [{lo}, {'inf' if hi is None else hi}]")
+
+
+def _positive(cfg, field: str) -> None:
+    value = _get(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        _fail(field, value, "must be a number > 0")
+
+
+def _choice(cfg, field: str, allowed) -> None:
+    value = _get(cfg, field)
+    if value not in allowed:
+        _fail(field, value, f"allowed: {', '.join(map(repr, allowed))}")
+
+
+def _get(cfg, field: str):
+    node = cfg
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks every field's type and range and the cross-field rules.
+
+    Raises:
+      ValueError: the first bad field, with its value and the allowed range.
+    """
+    _int_in(cfg, "seed", 0)
+    _choice(cfg, "algorithm", ALGORITHMS)
+    _int_in(cfg, "num_rounds", 1)
+    _int_in(cfg, "eval_every", 0)
+    _choice(cfg, "data.source", ("idx", "tfds"))
+    _int_in(cfg, "data.num_clients", 1)
+    _choice(cfg, "data.partition", ("dirichlet", "iid"))
+    _positive(cfg, "data.alpha")
+    _int_in(cfg, "data.min_client_samples", 1)
+    _int_in(cfg, "data.image_size", 0)
+    if len(cfg.data.mean) != len(cfg.data.std):
+        _fail("data.std", cfg.data.std, f"needs as many entries as data.mean={cfg.data.mean}")
+    if any(s <= 0 for s in cfg.data.std):
+        _fail("data.std", cfg.data.std, "every entry must be > 0")
+    _choice(cfg, "model.preset", tuple(PRESETS))
+    _int_in(cfg, "model.patch_size", 0)
+    depth = PRESETS[cfg.model.preset][1]
+    _int_in(cfg, "model.cut_layer", 0, depth)
+    _positive(cfg, "model.layer_norm_eps")
+    for side in ("fwd_bits", "bwd_bits"):
+        _int_in(cfg, f"aqt.{side}", 0, 16)
+        if 0 < cfg.aqt[side] < 2:
+            _fail(f"aqt.{side}", cfg.aqt[side], "must be 0 (float) or in [2, 16]")
+    _int_in(cfg, "quant.up_bits", 1, 32)
+    _int_in(cfg, "quant.down_bits", 1, 32)
+    _int_in(cfg, "train.clients_per_round", 1)
+    if cfg.train.clients_per_round > cfg.data.num_clients:
+        _fail(
+            "train.clients_per_round",
+            cfg.train.clients_per_round,
+            f"must be <= data.num_clients={cfg.data.num_clients}",
+        )
+    _int_in(cfg, "train.local_epochs", 1)
+    _int_in(cfg, "train.batch_size", 1)
+    _int_in(cfg, "train.chunk_size", 0)
+    if cfg.train.chunk_size > cfg.train.clients_per_round:
+        _fail(
+            "train.chunk_size",
+            cfg.train.chunk_size,
+            f"must be <= train.clients_per_round={cfg.train.clients_per_round} (0 = all at once)",
+        )
+    _int_in(cfg, "train.eval_batch_size", 1)
+    _choice(cfg, "optimizer.name", ("sgd", "adam", "adamw"))
+    _positive(cfg, "optimizer.learning_rate")
+    if not 0 <= cfg.optimizer.momentum < 1:
+        _fail("optimizer.momentum", cfg.optimizer.momentum, "must be in [0, 1)")
+    if cfg.optimizer.weight_decay < 0:
+        _fail("optimizer.weight_decay", cfg.optimizer.weight_decay, "must be >= 0")
+    _int_in(cfg, "checkpoint.every", 1)
+    _int_in(cfg, "checkpoint.max_to_keep", 1)
+
+
+def validate_data(cfg: ml_collections.ConfigDict, image_shape, train_size: int) -> None:
+    """The rules that need the data: channels, patch size, enough samples per client."""
+    channels = image_shape[-1]
+    if len(cfg.data.mean) not in (1, channels):
+        _fail("data.mean", cfg.data.mean, f"needs 1 or {channels} entries (the data's channels)")
+    size = cfg.data.image_size or image_shape[0]
+    patch = cfg.model.patch_size or PRESETS[cfg.model.preset][4]
+    if size % patch:
+        _fail("model.patch_size", patch, f"must divide the image size {size}")
+    if cfg.data.num_clients * cfg.data.min_client_samples > train_size:
+        _fail(
+            "data.num_clients",
+            cfg.data.num_clients,
+            f"times data.min_client_samples={cfg.data.min_client_samples} exceeds the "
+            f"{train_size} training samples",
+        )

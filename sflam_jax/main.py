@@ -1,0 +1,26 @@
+"""Command line: ``python -m sflam_jax.main --config configs/default.py --workdir runs/default``.
+
+Config fields can be overridden on the command line, e.g. ``--config.num_rounds=5``.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sflam_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (metrics, checkpoints); the same command resumes from it."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    # Orbax logs every checkpoint step at INFO; the progress bar is the run's display.
+    logging.set_verbosity(logging.WARNING)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

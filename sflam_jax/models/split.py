@@ -1,0 +1,126 @@
+"""Cuts a ViT into a client segment and a server segment (SPEC section 1).
+
+Client: embedding and blocks ``[0, cut_layer)``. Server: blocks ``[cut_layer, depth)``, final norm,
+head. Both are returned as pure functions of a parameter pytree so that the protocols can ``vmap``
+and differentiate them without seeing Flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sflam_jax.models.vit import Block, Embedding, Head, ViTConfig, block_names
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+    """The two segments of a cut ViT.
+
+    Attributes:
+      client_apply: ``(params_c, images [B, H, W, C], key) -> smashed data [B, T, D]``.
+      server_apply: ``(params_s, smashed [B, T, D], key) -> logits [B, classes]``.
+      cut_layer: number of encoder blocks on the device.
+      smashed_shape: ``(T, D)`` of one sample at the cut; Gamma is their product.
+    """
+
+    client_apply: Callable[..., jax.Array]
+    server_apply: Callable[..., jax.Array]
+    cut_layer: int
+    smashed_shape: tuple[int, int]
+
+    @property
+    def values_per_sample(self) -> int:
+        return self.smashed_shape[0] * self.smashed_shape[1]
+
+
+def client_keys(cut_layer: int) -> list[str]:
+    return ["embedding", *block_names(cut_layer)]
+
+
+def server_keys(cut_layer: int, depth: int) -> list[str]:
+    return [*block_names(depth)[cut_layer:], "head"]
+
+
+def split_params(params: dict, cut_layer: int, depth: int) -> tuple[dict, dict]:
+    """Partitions the full ViT parameter tree into ``(params_c, params_s)``."""
+    expected = set(client_keys(cut_layer)) | set(server_keys(cut_layer, depth))
+    if set(params) != expected:
+        raise ValueError(
+            f"parameter tree has entries {sorted(params)}, expected {sorted(expected)} "
+            f"for depth={depth}"
+        )
+    return (
+        {k: params[k] for k in client_keys(cut_layer)},
+        {k: params[k] for k in server_keys(cut_layer, depth)},
+    )
+
+
+def merge_params(params_c: dict, params_s: dict) -> dict:
+    """Inverse of ``split_params``: the full tree of the global model."""
+    return {**params_c, **params_s}
+
+
+def _rngs(key: jax.Array | None) -> dict:
+    # AQT's stochastic rounding draws from the "params" stream at apply time.
+    return {} if key is None else {"params": key}
+
+
+def split(
+    cfg: ViTConfig,
+    cut_layer: int,
+    client_dot_general_cls: Callable | None = None,
+    server_dot_general_cls: Callable | None = None,
+) -> SplitModel:
+    """Builds the pure apply functions of both segments for ``cut_layer`` in ``[0, depth]``.
+
+    Args:
+      cfg: the architecture.
+      cut_layer: blocks kept on the device; 0 leaves only the embedding there.
+      client_dot_general_cls: matmul injection of the client segment (None: float).
+      server_dot_general_cls: matmul injection of the server segment (None: float).
+
+    Raises:
+      ValueError: ``cut_layer`` outside ``[0, depth]``.
+    """
+    if not 0 <= cut_layer <= cfg.depth:
+        raise ValueError(f"model.cut_layer={cut_layer} must be in [0, {cfg.depth}] (the depth)")
+    embed = Embedding(cfg, client_dot_general_cls)
+    client_block = Block(cfg, client_dot_general_cls)
+    server_block = Block(cfg, server_dot_general_cls)
+    head = Head(cfg, server_dot_general_cls)
+
+    def client_apply(params_c: dict, images: jax.Array, key: jax.Array | None = None):
+        keys = _segment_keys(key, cut_layer + 1)
+        x = embed.apply({"params": params_c["embedding"]}, images, rngs=_rngs(keys[0]))
+        for i, name in enumerate(block_names(cut_layer)):
+            x = client_block.apply({"params": params_c[name]}, x, rngs=_rngs(keys[i + 1]))
+        return x
+
+    def server_apply(params_s: dict, smashed: jax.Array, key: jax.Array | None = None):
+        names = block_names(cfg.depth)[cut_layer:]
+        keys = _segment_keys(key, len(names) + 1)
+        x = smashed
+        for i, name in enumerate(names):
+            x = server_block.apply({"params": params_s[name]}, x, rngs=_rngs(keys[i]))
+        return head.apply({"params": params_s["head"]}, x, rngs=_rngs(keys[-1]))
+
+    return SplitModel(
+        client_apply=client_apply,
+        server_apply=server_apply,
+        cut_layer=cut_layer,
+        smashed_shape=(cfg.num_tokens, cfg.hidden_size),
+    )
+
+
+def _segment_keys(key: jax.Array | None, n: int) -> list:
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+def num_params(tree) -> int:
+    return int(sum(jnp.size(x) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,143 @@
+"""The trainer: config -> data -> model split -> state -> jit round -> resume -> loop."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from tqdm.auto import tqdm
+
+from sflam_jax import quant
+from sflam_jax.algorithms.base import Preprocess, RoundState, make_evaluate, make_optimizer
+from sflam_jax.algorithms.sflam import SFLAM
+from sflam_jax.checkpoint import Checkpointer
+from sflam_jax.config import validate, validate_data
+from sflam_jax.data.batches import make_client_data
+from sflam_jax.data.datasets import Dataset, load_dataset
+from sflam_jax.data.partition import partition
+from sflam_jax.metrics import MetricWriter, atomic_write_text, to_python
+from sflam_jax.models import split as split_lib
+from sflam_jax.models import vit
+
+
+def build_model(config, dataset: Dataset):
+    """The ViT architecture for this data and its split with the configured AQT matmuls."""
+    image_size = config.data.image_size or dataset.image_shape[0]
+    model_cfg = vit.vit_config(
+        config.model.preset,
+        image_size=image_size,
+        channels=dataset.image_shape[-1],
+        num_classes=dataset.num_classes,
+        patch_size=config.model.patch_size or None,
+        layer_norm_eps=config.model.layer_norm_eps,
+    )
+    dg = None
+    if config.aqt.enabled:
+        dg = quant.aqt_dot_general_cls(config.aqt.fwd_bits or None, config.aqt.bwd_bits or None)
+    model = split_lib.split(
+        model_cfg,
+        config.model.cut_layer,
+        client_dot_general_cls=dg if config.aqt.client else None,
+        server_dot_general_cls=dg if config.aqt.server else None,
+    )
+    return model_cfg, model
+
+
+def initial_state(model_cfg: vit.ViTConfig, cut_layer: int, key: jax.Array) -> RoundState:
+    params_c, params_s = split_lib.split_params(
+        vit.init_params(model_cfg, key), cut_layer, model_cfg.depth
+    )
+    return RoundState(round=jnp.zeros((), jnp.int32), params_c=params_c, params_s=params_s)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) the experiment of ``config`` in ``workdir``.
+
+    Writes ``workdir/metrics.jsonl`` (one record per round), ``timing.jsonl``, ``config.json`` and
+    orbax checkpoints under ``workdir/checkpoints``. Returns the last round's record.
+    """
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+
+    dataset = load_dataset(config.data)
+    validate_data(config, dataset.image_shape, len(dataset.train_labels))
+    parts = partition(dataset.train_labels, config.data, config.seed)
+
+    model_cfg, model = build_model(config, dataset)
+    preprocess = Preprocess(
+        mean=tuple(config.data.mean), std=tuple(config.data.std), image_size=model_cfg.image_size
+    )
+    algorithm = SFLAM(
+        model=model,
+        optimizer=make_optimizer(config.optimizer),
+        preprocess=preprocess,
+        clients_per_round=config.train.clients_per_round,
+        local_epochs=config.train.local_epochs,
+        batch_size=config.train.batch_size,
+        down_bits=config.quant.down_bits,
+        chunk_size=config.train.chunk_size,
+    )
+    client_data = make_client_data(
+        dataset.train_images, dataset.train_labels, parts, config.train.batch_size
+    )
+    test_images = jnp.asarray(dataset.test_images)
+    test_labels = jnp.asarray(dataset.test_labels)
+
+    init_key, run_key = jax.random.split(jax.random.key(config.seed))
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.max_to_keep
+    )
+    state = checkpointer.restore_or_init(initial_state(model_cfg, config.model.cut_layer, init_key))
+    start = int(state.round)
+    writer = MetricWriter(workdir, start, config.metrics.tensorboard)
+
+    round_fn = jax.jit(
+        functools.partial(algorithm.round, up_bits=config.quant.up_bits), donate_argnums=0
+    )
+    evaluate = jax.jit(make_evaluate(model, preprocess, config.train.eval_batch_size))
+
+    record: dict = {}
+    bar = tqdm(
+        total=config.num_rounds,
+        initial=start,
+        desc="SFLAM rounds",
+        unit="round",
+        disable=not config.metrics.progress,
+        dynamic_ncols=True,
+    )
+    last_eval = {}
+    t_start = time.perf_counter()
+    try:
+        for r in range(start, config.num_rounds):
+            t0 = time.perf_counter()
+            state, metrics = round_fn(state, client_data, jax.random.fold_in(run_key, r))
+            metrics = jax.device_get(metrics)
+            t1 = time.perf_counter()
+            record = {"round": r + 1, **metrics}
+            done = r + 1 == config.num_rounds
+            if done or (config.eval_every and (r + 1) % config.eval_every == 0):
+                last_eval = jax.device_get(
+                    evaluate(state.params_c, state.params_s, test_images, test_labels)
+                )
+                record.update(last_eval)
+            t2 = time.perf_counter()
+            writer.write(
+                record,
+                {"round_s": t1 - t0, "eval_s": t2 - t1, "elapsed_s": t2 - t_start},
+            )
+            checkpointer.maybe_save(state, force=done)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{float(metrics['train_loss']):.3f}",
+                acc=f"{float(last_eval.get('test_accuracy', float('nan'))):.3f}",
+            )
+    finally:
+        bar.close()
+        writer.close()
+        checkpointer.close()
+    return to_python(record)
