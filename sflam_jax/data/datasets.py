@@ -190,6 +190,8 @@ def _idx_builder_class():
                     }
                 ),
                 supervised_keys=("image", "label"),
+                # Keep the files' order: sample i of the split is record i of the file.
+                disable_shuffling=True,
             )
 
         def _split_generators(self, dl_manager):

@@ -1,0 +1,63 @@
+"""Shared fixtures: a small synthetic IDX dataset on disk and the tiny config pointed at it."""
+
+import gzip
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def write_idx(path: str, array: np.ndarray, compress: bool = True) -> None:
+    """Writes a uint8 array as an IDX file (the MNIST format)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(payload)
+
+
+def synthetic_images(n: int, size: int, classes: int, seed: int):
+    """Learnable images: class c lights up the c-th horizontal band, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n).astype(np.uint8)
+    images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+    band = size // classes
+    for i, c in enumerate(labels):
+        images[i, c * band : (c + 1) * band] += 150
+    return images, labels
+
+
+def write_idx_dir(directory: str, n_train=240, n_test=80, size=14, classes=4, seed=0) -> str:
+    os.makedirs(directory, exist_ok=True)
+    tr_x, tr_y = synthetic_images(n_train, size, classes, seed)
+    te_x, te_y = synthetic_images(n_test, size, classes, seed + 1)
+    write_idx(os.path.join(directory, "train-images-idx3-ubyte.gz"), tr_x)
+    write_idx(os.path.join(directory, "train-labels-idx1-ubyte.gz"), tr_y)
+    write_idx(os.path.join(directory, "t10k-images-idx3-ubyte.gz"), te_x)
+    write_idx(os.path.join(directory, "t10k-labels-idx1-ubyte.gz"), te_y)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory) -> str:
+    return write_idx_dir(str(tmp_path_factory.mktemp("idx")))
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture
+def tiny_config(idx_dir, tfds_dir):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import tiny
+
+    cfg = tiny.get_config()
+    cfg.data.idx_dir = idx_dir
+    cfg.data.data_dir = tfds_dir
+    return cfg
