@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the whole round state: restore the latest or start from the initial state."""
+"""Orbax checkpoints of the whole round state: restore the latest, else start afresh."""
 
 from __future__ import annotations
 

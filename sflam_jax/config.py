@@ -1,7 +1,7 @@
 """The common experiment config and its validation.
 
-Every file in configs/ starts from ``base_config()`` and overrides a few fields. ``validate`` runs once
-at start-up and raises ``ValueError`` naming the field, the value and what is allowed.
+Every file in configs/ starts from ``base_config()`` and overrides a few fields. ``validate`` runs
+once at start-up and raises ``ValueError`` naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.algorithm = "sflam"
-    c.num_rounds = 60
+    c.num_rounds = 80
     c.eval_every = 5
 
     c.data = ml_collections.ConfigDict()

@@ -23,7 +23,7 @@ def to_python(value):
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` so that readers see the old or the new file, never half of one."""
+    """Writes ``text`` to ``path``: readers see the old or the new file, never half of one."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -56,7 +56,7 @@ class JsonlWriter:
         self.path = path
         kept = [r for r in read_jsonl(path) if r["round"] <= keep_through]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(path, "a")
+        self._file = open(path, "a")  # noqa: SIM115 (closed by close())
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(to_python(record)) + "\n")
@@ -82,7 +82,9 @@ class MetricWriter:
                     "metrics.tensorboard=True needs the tensorboardX package: "
                     "pip install 'sflam_jax[tensorboard]'"
                 ) from e
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_round + 1)
+            self._tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"), purge_step=resume_round + 1
+            )
 
     def write(self, record: dict, timing: dict) -> None:
         record = to_python(record)

@@ -7,7 +7,9 @@ from sflam_jax import quant
 
 
 def _activations(seed=0, shape=(3, 5, 4)):
-    return jax.random.normal(jax.random.key(seed), shape) * jnp.arange(1, shape[0] + 1)[:, None, None]
+    return (
+        jax.random.normal(jax.random.key(seed), shape) * jnp.arange(1, shape[0] + 1)[:, None, None]
+    )
 
 
 def test_identity_at_32_bits():

@@ -128,7 +128,9 @@ def test_round_matches_python_loop(sizes, cut, bits, down_bits, chunk):
     assert int(metrics["samples"]) == E * sum(sizes[c] for c in clients)
     assert int(new_state.round) == 1
     # The round really trained: the global model moved on both sides.
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params_s, state.params_s)
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.params_s, state.params_s
+    )
     assert max(jax.tree.leaves(moved)) > 1e-3
 
 

@@ -21,7 +21,8 @@ class ClientData:
     Attributes:
       images: ``[N, H, W, C]`` uint8 training images.
       labels: ``[N]`` int32.
-      index: ``[K, L]`` int32, client k's sample indices in its first ``counts[k]`` entries (rest 0);
+      index: ``[K, L]`` int32, client k's sample indices in its first ``counts[k]`` entries (the
+        rest 0);
         ``L`` is the largest client size rounded up to a multiple of the batch size.
       counts: ``[K]`` int32 samples per client.
     """
@@ -66,7 +67,7 @@ def local_steps(count: jax.Array, batch_size: int, epochs: int) -> jax.Array:
 
 
 def epoch_orders(key: jax.Array, count: jax.Array, width: int, epochs: int) -> jax.Array:
-    """Shuffled positions ``[E, width]``: a fresh permutation of ``[0, count)`` per epoch, padding last.
+    """Shuffled positions ``[E, width]``: a permutation of ``[0, count)`` per epoch, padding last.
 
     Args:
       key: PRNG key of this client and round.

@@ -13,6 +13,7 @@ TensorFlow needed):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -173,7 +174,7 @@ def _idx_builder_class():
     class IdxImages(tfds.core.GeneratorBasedBuilder):
         """MNIST-layout IDX files from a local directory (the manual dir)."""
 
-        VERSION = tfds.core.Version("1.0.0")
+        VERSION = tfds.core.Version("1.1.0")  # 1.1.0: records keep the files' order
         MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the directory of the four IDX files as manual_dir."
         BUILDER_CONFIGS = []
 
@@ -197,9 +198,7 @@ def _idx_builder_class():
         def _split_generators(self, dl_manager):
             arrays = read_idx_directory(os.fspath(dl_manager.manual_dir))
             return {
-                split: self._generate_examples(
-                    arrays[f"{split}_images"], arrays[f"{split}_labels"]
-                )
+                split: self._generate_examples(arrays[f"{split}_images"], arrays[f"{split}_labels"])
                 for split in ("train", "test")
             }
 
@@ -218,7 +217,9 @@ def _read_builder(builder, name: str) -> Dataset:
     sources = builder.as_data_source()
     missing = {"train", "test"} - set(sources)
     if missing:
-        raise ValueError(f"dataset {name!r} has no {sorted(missing)} split; it has {sorted(sources)}")
+        raise ValueError(
+            f"dataset {name!r} has no {sorted(missing)} split; it has {sorted(sources)}"
+        )
     features = builder.info.features
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     num_classes = features[label_key].num_classes
@@ -241,6 +242,19 @@ def _read_builder(builder, name: str) -> Dataset:
     )
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    # TFDS warns "Using custom data configuration" for every dynamic config; it is expected here.
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def load_idx_directory(directory: str, data_dir: str) -> Dataset:
     """Loads a directory of MNIST-layout IDX files through the ``IdxImages`` TFDS builder.
 
@@ -258,10 +272,9 @@ def load_idx_directory(directory: str, data_dir: str) -> Dataset:
         image_shape=tuple(arrays["train_images"].shape[1:]),
         num_classes=int(labels.max()) + 1,
     )
-    builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=directory)
-    )
+    with _quiet_absl():
+        builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=directory))
     return _read_builder(builder, f"idx:{os.path.abspath(directory)}")
 
 

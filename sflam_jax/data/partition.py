@@ -50,8 +50,8 @@ def dirichlet_partition(
         if min(len(p) for p in result) >= min_samples:
             return result
     raise ValueError(
-        f"data.alpha={alpha}: no Dirichlet draw in {max_tries} tries gave all {num_clients} clients "
-        f"at least data.min_client_samples={min_samples} samples; raise alpha or lower "
+        f"data.alpha={alpha}: no Dirichlet draw in {max_tries} tries gave all {num_clients} "
+        f"clients at least data.min_client_samples={min_samples} samples; raise alpha or lower "
         "data.min_client_samples or data.num_clients"
     )
 

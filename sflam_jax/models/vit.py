@@ -1,7 +1,7 @@
 """Vision Transformer backbone as an embedding, a list of pre-norm blocks and a head.
 
-The parameter tree of ``ViT`` is ``{"embedding", "block_0", ..., "block_{depth-1}", "head"}`` so that
-``split.py`` can hand the first entries to a device and the rest to the server without renaming
+The parameter tree of ``ViT`` is ``{"embedding", "block_0", ..., "block_{depth-1}", "head"}`` so
+that ``split.py`` can hand the first entries to a device and the rest to the server without renaming
 anything. Every matmul (the dense layers and both attention products) goes through one injectable
 ``dot_general_cls``: None means float ``lax.dot_general``, otherwise an AQT module (see quant.py).
 """

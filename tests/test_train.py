@@ -1,0 +1,117 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sflam_jax import train
+from sflam_jax.metrics import read_jsonl
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _metrics(workdir):
+    return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, idx_dir, tfds_dir):
+    """An uninterrupted 4-round run of the tiny config (other tests compare against it)."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import tiny
+
+    cfg = tiny.get_config()
+    cfg.data.idx_dir, cfg.data.data_dir, cfg.num_rounds = idx_dir, tfds_dir, 4
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    final = train.train_and_evaluate(cfg, workdir)
+    return cfg, workdir, final
+
+
+def test_run_writes_metrics_checkpoints_and_learns(reference_run):
+    cfg, workdir, final = reference_run
+    records = _metrics(workdir)
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "clients"} <= set(r)
+        assert len(set(r["clients"])) == cfg.train.clients_per_round
+    assert final == records[-1]
+    # The synthetic classes are separable: training must get well above chance (0.25).
+    assert records[-1]["test_accuracy"] > 0.6
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "4"
+    timing = read_jsonl(os.path.join(workdir, "timing.jsonl"))
+    assert [t["round"] for t in timing] == [1, 2, 3, 4]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["num_rounds"] == 4
+
+
+def test_same_config_and_seed_same_metrics(reference_run, tmp_path):
+    cfg, workdir, _ = reference_run
+    train.train_and_evaluate(cfg, str(tmp_path))
+    with open(os.path.join(workdir, "metrics.jsonl")) as a, open(tmp_path / "metrics.jsonl") as b:
+        assert a.read() == b.read()
+
+
+def test_other_seed_other_metrics(reference_run, tmp_path):
+    cfg, workdir, _ = reference_run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.seed, cfg.num_rounds = 1, 1
+    train.train_and_evaluate(cfg, str(tmp_path))
+    assert _metrics(tmp_path)[0] != _metrics(workdir)[0]
+
+
+def test_resume_continues_to_the_same_result(reference_run, tmp_path):
+    cfg, workdir, _ = reference_run
+    short = cfg.copy_and_resolve_references()
+    short.num_rounds = 2
+    train.train_and_evaluate(short, str(tmp_path))
+    # A later round's line written before a crash (no checkpoint for it) must not survive.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": 3, "train_loss": -1.0}) + "\n")
+    train.train_and_evaluate(cfg, str(tmp_path))
+    assert _metrics(tmp_path) == _metrics(workdir)
+
+
+def test_killed_cli_run_resumes_with_the_same_metrics(reference_run, tmp_path, idx_dir, tfds_dir):
+    _, workdir, _ = reference_run
+    command = [
+        sys.executable,
+        "-m",
+        "sflam_jax.main",
+        f"--config={ROOT}/configs/tiny.py",
+        f"--workdir={tmp_path}",
+        "--config.num_rounds=4",
+        f"--config.data.idx_dir={idx_dir}",
+        f"--config.data.data_dir={tfds_dir}",
+    ]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while len(_metrics(tmp_path)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(_metrics(tmp_path)) < 4, "the run was not killed mid-way"
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    assert _metrics(tmp_path) == _metrics(workdir)
+
+
+def test_tensorboard_event_files(reference_run, tmp_path):
+    cfg, _, _ = reference_run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.num_rounds, cfg.metrics.tensorboard = 1, True
+    train.train_and_evaluate(cfg, str(tmp_path))
+    events = os.listdir(tmp_path / "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+def test_chunked_clients_and_aqt_run(reference_run, tmp_path):
+    cfg, _, _ = reference_run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.num_rounds, cfg.train.chunk_size, cfg.aqt.enabled = 1, 2, True
+    record = train.train_and_evaluate(cfg, str(tmp_path))
+    assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
