@@ -19,7 +19,7 @@ from sflam_jax.config import validate, validate_data
 from sflam_jax.data.batches import make_client_data
 from sflam_jax.data.datasets import Dataset, load_dataset
 from sflam_jax.data.partition import partition
-from sflam_jax.metrics import MetricWriter, atomic_write_text, to_python
+from sflam_jax.metrics import MetricWriter, atomic_write_text, read_jsonl, to_python
 from sflam_jax.models import split as split_lib
 from sflam_jax.models import vit
 
@@ -101,7 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     evaluate = jax.jit(make_evaluate(model, preprocess, config.train.eval_batch_size))
 
-    record: dict = {}
+    previous = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    record: dict = previous[-1] if previous else {}
     bar = tqdm(
         total=config.num_rounds,
         initial=start,

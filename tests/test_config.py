@@ -57,3 +57,36 @@ def test_data_dependent_rules():
     cfg = config_lib.base_config()
     with pytest.raises(ValueError, match="data.num_clients=50"):
         config_lib.validate_data(cfg, (28, 28, 1), 40)
+
+
+def _load(name):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "cifar10_vit_b32"])
+def test_shipped_configs_are_valid(name):
+    config_lib.validate(_load(name))
+
+
+def test_paper_config_builds_vit_b32_at_224px():
+    import jax
+
+    from sflam_jax.models import split as split_lib
+    from sflam_jax.models import vit
+
+    cfg = _load("cifar10_vit_b32")
+    assert (cfg.train.local_epochs, cfg.train.batch_size, cfg.data.num_clients) == (5, 128, 50)
+    model_cfg = vit.vit_config(
+        cfg.model.preset, image_size=cfg.data.image_size, channels=3, num_classes=10
+    )
+    shapes = jax.eval_shape(lambda k: vit.init_params(model_cfg, k), jax.random.key(0))
+    params_c, _ = split_lib.split_params(shapes, cfg.model.cut_layer, model_cfg.depth)
+    assert list(params_c) == ["embedding"]
+    assert split_lib.split(model_cfg, 0).smashed_shape == (50, 768)

@@ -74,6 +74,9 @@ def test_resume_continues_to_the_same_result(reference_run, tmp_path):
         f.write(json.dumps({"round": 3, "train_loss": -1.0}) + "\n")
     train.train_and_evaluate(cfg, str(tmp_path))
     assert _metrics(tmp_path) == _metrics(workdir)
+    # Running a finished run again trains nothing and reports its last round.
+    assert train.train_and_evaluate(cfg, str(tmp_path)) == _metrics(workdir)[-1]
+    assert _metrics(tmp_path) == _metrics(workdir)
 
 
 def test_killed_cli_run_resumes_with_the_same_metrics(reference_run, tmp_path, idx_dir, tfds_dir):
