@@ -1,0 +1,97 @@
+"""Latency and device energy of an SFLAM round (SPEC section 3), per device and in total."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sflam_jax.quant import FLOAT_BITS, payload_bits
+from sflam_jax.wireless.channel import Devices, SystemParams, rate_bps
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one local step of the split model costs, independent of the channel.
+
+    Attributes:
+      client_flops: F_c, forward FLOPs of the client segment per sample.
+      server_flops: F_s, forward FLOPs of the server segment per sample.
+      values_per_sample: Gamma, values of one sample's smashed data.
+      client_params: |w_c|, parameters of the client segment (aggregation traffic).
+      batch_size: B.
+    """
+
+    client_flops: float
+    server_flops: float
+    values_per_sample: int
+    client_params: int
+    batch_size: int
+
+
+def sflam_round_costs(
+    devices: Devices,
+    steps: jax.Array,
+    power_w: jax.Array,
+    bandwidth_hz: jax.Array,
+    up_bits: jax.Array,
+    workload: Workload,
+    params: SystemParams,
+    down_bits: jax.Array | int = FLOAT_BITS,
+) -> dict[str, jax.Array]:
+    """Per-device and per-round latency and energy of one SFLAM (SFL-V1) round, SPEC section 3.
+
+    Per local step: ``t_cf = B F_c / (phi f)``, ``t_cb = 2 t_cf``, ``t_up = B P(b) / r_up``,
+    ``t_srv = 3 B F_s S / F_server``, ``t_dn = B P(g_bits) / r_dn``; per round
+    ``T_k = tau_k (t_cf + t_up + t_srv + t_dn + t_cb) + t_agg_up + t_agg_dn`` with
+    ``32 |w_c|`` bits each way for aggregation, and
+    ``E_k = tau_k (kappa f^2 3 B F_c / phi + p t_up) + p t_agg_up``.
+
+    Args:
+      devices: the S devices (``[S]`` arrays).
+      steps: ``[S]`` local steps tau_k.
+      power_w: ``[S]`` uplink power p_k.
+      bandwidth_hz: ``[S]`` bandwidth share beta_k (the downlink uses the same share).
+      up_bits: ``[S]`` cut-layer bits b_k (32 = float32).
+      workload: FLOPs and sizes of the split model.
+      params: the system constants.
+      down_bits: downlink gradient bits.
+
+    Returns:
+      ``latency_s``, ``compute_s``, ``comm_s``, ``energy_j``, ``compute_energy_j``,
+      ``comm_energy_j`` (each ``[S]``), ``round_latency_s`` (max over devices) and
+      ``round_energy_j`` (sum over devices).
+    """
+    n0 = params.noise_w_per_hz
+    s = devices.gain.shape[-1]
+    b = workload.batch_size
+    steps = jnp.asarray(steps, jnp.float32)
+    r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
+    r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
+
+    cycles_fwd = b * workload.client_flops / params.flops_per_cycle
+    t_cf = cycles_fwd / devices.cpu_hz
+    t_cb = 2.0 * t_cf
+    t_srv = 3.0 * b * workload.server_flops * s / params.server_flops
+    t_up = b * payload_bits(up_bits, workload.values_per_sample) / r_up
+    t_dn = b * payload_bits(down_bits, workload.values_per_sample) / r_dn
+    agg_bits = FLOAT_BITS * workload.client_params
+    t_agg_up, t_agg_dn = agg_bits / r_up, agg_bits / r_dn
+
+    compute_s = steps * (t_cf + t_cb + t_srv)
+    comm_s = steps * (t_up + t_dn) + t_agg_up + t_agg_dn
+    compute_energy = steps * params.kappa * devices.cpu_hz**2 * 3.0 * cycles_fwd
+    comm_energy = power_w * (steps * t_up + t_agg_up)
+    latency = compute_s + comm_s
+    energy = compute_energy + comm_energy
+    return {
+        "latency_s": latency,
+        "compute_s": compute_s,
+        "comm_s": comm_s,
+        "energy_j": energy,
+        "compute_energy_j": compute_energy,
+        "comm_energy_j": comm_energy,
+        "round_latency_s": jnp.max(latency, axis=-1),
+        "round_energy_j": jnp.sum(energy, axis=-1),
+    }

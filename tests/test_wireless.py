@@ -1,0 +1,132 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sflam_jax.wireless import channel, costs
+
+P = channel.SystemParams()
+
+
+def test_noise_and_path_loss_by_hand():
+    np.testing.assert_allclose(P.noise_w_per_hz, 10 ** (-20.4), rtol=1e-12)
+    np.testing.assert_allclose(channel.path_loss_db(jnp.array([1000.0, 100.0])), [128.1, 90.5])
+
+
+def test_rate_by_hand_and_limits():
+    # beta = 1 MHz, p G / (beta N0) = 3 -> 1e6 * log2(4) = 2e6 bit/s.
+    n0 = P.noise_w_per_hz
+    gain = 3.0 * 1e6 * n0 / 0.1
+    np.testing.assert_allclose(channel.rate_bps(1e6, 0.1, gain, n0), 2e6, rtol=1e-6)
+    assert float(channel.rate_bps(0.0, 0.1, gain, n0)) == 0.0
+    assert float(channel.rate_bps(1e6, 0.0, gain, n0)) == 0.0
+    # More bandwidth or more power never lowers the rate.
+    bws = jnp.linspace(1e3, 2e7, 200)
+    assert np.all(np.diff(np.asarray(channel.rate_bps(bws, 0.1, gain, n0))) > 0)
+    ps = jnp.linspace(1e-4, 0.2, 200)
+    assert np.all(np.diff(np.asarray(channel.rate_bps(1e6, ps, gain, n0))) > 0)
+    # Infinite bandwidth saturates at p G / (N0 ln 2).
+    np.testing.assert_allclose(
+        channel.rate_bps(1e12, 0.1, gain, n0), 0.1 * gain / (n0 * np.log(2)), rtol=1e-3
+    )
+
+
+def test_device_draws_follow_the_geometry():
+    devices = channel.draw_devices(jax.random.key(0), 20000, P)
+    d = np.asarray(devices.distance_m)
+    assert d.min() >= 10.0 and d.max() <= 250.0
+    # Uniform in area: P(d <= 125 m) = (125^2 - 10^2) / (250^2 - 10^2).
+    np.testing.assert_allclose(np.mean(d <= 125.0), (125**2 - 100) / (250**2 - 100), atol=0.01)
+    f = np.asarray(devices.cpu_hz)
+    assert f.min() >= 0.5e9 and f.max() <= 2e9
+    # Shadowing x fading around the path loss: log-gain residual has the right mean and spread.
+    resid_db = 10 * np.log10(np.asarray(devices.gain)) + np.asarray(channel.path_loss_db(d))
+    # 10 log10 Exp(1) has mean -2.51 dB and std 5.57 dB; shadowing adds N(0, 8^2).
+    np.testing.assert_allclose(resid_db.mean(), -2.507, atol=0.2)
+    np.testing.assert_allclose(resid_db.std(), np.sqrt(64 + 5.57**2), atol=0.2)
+    again = channel.draw_devices(jax.random.key(0), 20000, P)
+    np.testing.assert_array_equal(again.gain, devices.gain)
+
+
+def _one_device(gain=1e-10, cpu=1e9):
+    return channel.Devices(
+        distance_m=jnp.array([100.0]), gain=jnp.array([gain]), cpu_hz=jnp.array([cpu])
+    )
+
+
+WORK = costs.Workload(
+    client_flops=2e6, server_flops=8e6, values_per_sample=100, client_params=1000, batch_size=4
+)
+
+
+def test_round_costs_by_hand():
+    dev = _one_device()
+    out = costs.sflam_round_costs(
+        dev, jnp.array([5]), jnp.array([0.1]), jnp.array([1e6]), jnp.array([8.0]), WORK, P
+    )
+    n0 = P.noise_w_per_hz
+    r_up = 1e6 * np.log2(1 + 0.1 * 1e-10 / (1e6 * n0))
+    r_dn = 1e6 * np.log2(1 + 1.0 * 1e-10 / (1e6 * n0))
+    t_cf = 4 * 2e6 / (16 * 1e9)
+    t_srv = 3 * 4 * 8e6 * 1 / 100e12
+    t_up = 4 * (100 * 8 + 64) / r_up
+    t_dn = 4 * (32 * 100) / r_dn
+    agg = 32 * 1000
+    latency = 5 * (t_cf + t_up + t_srv + t_dn + 2 * t_cf) + agg / r_up + agg / r_dn
+    energy = 5 * (1e-28 * 1e18 * 3 * 4 * 2e6 / 16 + 0.1 * t_up) + 0.1 * agg / r_up
+    np.testing.assert_allclose(out["latency_s"], [latency], rtol=1e-5)
+    np.testing.assert_allclose(out["energy_j"], [energy], rtol=1e-5)
+    np.testing.assert_allclose(out["compute_s"] + out["comm_s"], out["latency_s"], rtol=1e-6)
+    np.testing.assert_allclose(
+        out["compute_energy_j"] + out["comm_energy_j"], out["energy_j"], rtol=1e-6
+    )
+
+
+def test_round_totals_and_monotone_limits():
+    devices = channel.draw_devices(jax.random.key(1), 6, P)
+    steps = jnp.arange(1, 7)
+    bw = jnp.full(6, P.bandwidth_hz / 6)
+    power = jnp.full(6, P.p_max_w)
+    bits = jnp.full(6, 8.0)
+    out = costs.sflam_round_costs(devices, steps, power, bw, bits, WORK, P)
+    np.testing.assert_allclose(out["round_latency_s"], out["latency_s"].max(), rtol=1e-6)
+    np.testing.assert_allclose(out["round_energy_j"], out["energy_j"].sum(), rtol=1e-6)
+    more_bw = costs.sflam_round_costs(devices, steps, power, bw * 1.5, bits, WORK, P)
+    assert np.all(np.asarray(more_bw["latency_s"]) < np.asarray(out["latency_s"]))
+    less_power = costs.sflam_round_costs(devices, steps, power / 2, bw, bits, WORK, P)
+    assert np.all(np.asarray(less_power["latency_s"]) > np.asarray(out["latency_s"]))
+    fewer_bits = costs.sflam_round_costs(devices, steps, power, bw, bits / 2, WORK, P)
+    assert np.all(np.asarray(fewer_bits["comm_s"]) < np.asarray(out["comm_s"]))
+
+
+def test_uplink_energy_floor_as_power_vanishes():
+    # E = p * bits / r(p) -> bits N0 ln2 / G as p -> 0 (per bit: N0 ln 2 / G).
+    gain, bits = 1e-11, 1e6
+    n0 = P.noise_w_per_hz
+    p = jnp.array([1e-3, 1e-6, 1e-9], dtype=jnp.float32)
+    energy = p * bits / channel.rate_bps(1e6, p, gain, n0)
+    floor = bits * n0 * np.log(2) / gain
+    assert np.all(np.diff(np.asarray(energy)) < 0)
+    np.testing.assert_allclose(energy[-1], floor, rtol=1e-3)
+    assert np.all(np.asarray(energy) >= floor * (1 - 1e-4))
+
+
+def test_vectorised_over_scenarios():
+    keys = jax.random.split(jax.random.key(2), 5)
+    devices = jax.vmap(lambda k: channel.draw_devices(k, 4, P))(keys)
+    ones = jnp.ones((5, 4))
+    out = jax.vmap(
+        lambda d: costs.sflam_round_costs(
+            d, ones[0] * 3, ones[0] * 0.2, ones[0] * 5e6, ones[0] * 8, WORK, P
+        )
+    )(devices)
+    assert out["round_latency_s"].shape == (5,) and out["latency_s"].shape == (5, 4)
+    single = costs.sflam_round_costs(
+        jax.tree.map(lambda x: x[3], devices),
+        ones[0] * 3,
+        ones[0] * 0.2,
+        ones[0] * 5e6,
+        ones[0] * 8,
+        WORK,
+        P,
+    )
+    np.testing.assert_allclose(out["round_energy_j"][3], single["round_energy_j"], rtol=1e-6)
