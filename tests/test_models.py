@@ -109,3 +109,31 @@ def test_aqt_segments_train_under_jit_grad_and_vmap(setup, fwd_bwd):
 
 def test_float_injection_is_none():
     assert quant.aqt_dot_general_cls(None, None) is None
+
+
+def test_segment_flops_follow_the_cut():
+    # Wide enough that matmuls dominate (norms, softmax and GELU add about 3% here).
+    cfg = vit.ViTConfig(
+        image_size=28,
+        channels=1,
+        num_classes=10,
+        patch_size=7,
+        hidden_size=256,
+        depth=4,
+        num_heads=4,
+        mlp_dim=1024,
+    )
+    params = vit.init_params(cfg, jax.random.key(0))
+    t, d, m = cfg.num_tokens, cfg.hidden_size, cfg.mlp_dim
+    # Hand count of the matmuls (2 FLOPs per multiply-add) of one block and the embedding.
+    block = 2 * t * (4 * d * d + 2 * d * m) + 2 * 2 * t * t * d
+    embed = 2 * cfg.num_patches * 49 * d
+    totals = []
+    for cut in (0, 2):
+        model = split_lib.split(cfg, cut)
+        pc, ps = split_lib.split_params(params, cut, cfg.depth)
+        f_c, f_s = split_lib.segment_flops(model, pc, ps, (28, 28, 1))
+        np.testing.assert_allclose(f_c, embed + cut * block, rtol=0.1)
+        np.testing.assert_allclose(f_s, (cfg.depth - cut) * block, rtol=0.1)
+        totals.append(f_c + f_s)
+    np.testing.assert_allclose(totals[0], totals[1], rtol=1e-3)

@@ -124,3 +124,28 @@ def _segment_keys(key: jax.Array | None, n: int) -> list:
 
 def num_params(tree) -> int:
     return int(sum(jnp.size(x) for x in jax.tree.leaves(tree)))
+
+
+def segment_flops(
+    model: SplitModel, params_c: dict, params_s: dict, image_shape
+) -> tuple[float, float]:
+    """Forward FLOPs per sample ``(F_c, F_s)`` of both segments from XLA's cost analysis.
+
+    The segments are lowered and compiled for one sample of ``image_shape`` ``(H, W, C)`` (float
+    matmuls, whatever AQT setting the model was built with), so the counts follow the model config
+    and the cut layer (SPEC section 3).
+    """
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    smashed = jax.ShapeDtypeStruct((1, *model.smashed_shape), jnp.float32)
+
+    def flops(fn, *args) -> float:
+        analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+        if isinstance(analysis, list | tuple):  # older JAX returns one dict per device
+            analysis = analysis[0]
+        return float(analysis.get("flops", 0.0))
+
+    key = jax.random.key(0)
+    return (
+        flops(lambda p, x: model.client_apply(p, x, key), params_c, images),
+        flops(lambda p, a: model.server_apply(p, a, key), params_s, smashed),
+    )
