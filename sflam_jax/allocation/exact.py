@@ -1,0 +1,225 @@
+"""Global optimum of the allocation problem for fixed bits, by nested bisection (the test oracle).
+
+For fixed bits and a deadline T, device k's uplink energy is smallest when it transmits for all the
+time its deadline leaves, ``t_k = T - A_k - H_k / r_dn(beta_k)``, at the power that moves ``D_k``
+bits in ``t_k``:
+
+    e_k(beta_k; T) = (N0 / G_k) v (2^(D_k / v) - 1),   v = t_k beta_k
+
+a perspective of an exponential, convex and decreasing in ``beta_k`` (SPEC section 4). So:
+
+- inner: for a bandwidth price lambda, ``beta_k(lambda)`` solves ``e_k'(beta) = -lambda`` on
+  ``[beta_min_k(T), B]`` (bisection on log beta); ``beta_min_k(T)`` is the least bandwidth with
+  which the device meets T at full power;
+- middle: bisection on log lambda until ``sum_k beta_k = B``;
+- outer: ``F(T) = w_T T / T_ref + w_E E*(T) / E_ref`` is convex in T (E* is the value function of a
+  convex problem in its right-hand side), minimised by golden-section search on
+  ``[T_min, T_hi]``, T_min the least feasible deadline and ``T_hi = F(T_eq) T_ref / w_T``.
+
+Runs in float64. ``allocate_bits_search`` adds the best integer bits by exhaustive search (small S).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sflam_jax.allocation.problem import (
+    Allocation,
+    Problem,
+    evaluate,
+    feasible,
+    link_loads,
+    quant_budget_used,
+)
+
+_LN2 = np.log(2.0)
+_GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+def _bisect(pred, lo, hi, iters: int, log: bool):
+    """Vectorised bisection: ``pred`` False at ``lo``, True at ``hi``; returns the True end."""
+    f = jnp.log if log else (lambda x: x)
+    g = jnp.exp if log else (lambda x: x)
+    lo, hi = f(lo), f(hi)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        ok = pred(g(mid))
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return g(hi)
+
+
+class _Devices:
+    """Per-device closed forms for fixed bits (float64 arrays ``[S]``)."""
+
+    def __init__(self, problem: Problem, bits):
+        loads = link_loads(problem, bits)
+        f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
+        self.a = f64(loads["compute_s"])
+        self.c = f64(loads["compute_j"])
+        self.d = f64(loads["up_bits"])
+        self.h = f64(loads["down_bits"])
+        self.g = f64(problem.devices.gain)
+        p = problem.params
+        self.n0 = p.noise_w_per_hz
+        self.p_max = p.p_max_w
+        self.p_srv = p.server_power_w
+        self.bw = p.bandwidth_hz
+
+    def rate(self, beta, power):
+        return beta * jnp.log1p(power * self.g / (beta * self.n0)) / _LN2
+
+    def uplink_time(self, beta, deadline):
+        return deadline - self.a - self.h / self.rate(beta, self.p_srv)
+
+    def fastest_finish(self, beta):
+        return self.a + self.d / self.rate(beta, self.p_max) + self.h / self.rate(beta, self.p_srv)
+
+    def beta_min(self, deadline):
+        """Least bandwidth meeting ``deadline`` at full power (inf where even B cannot)."""
+        lo = jnp.full_like(self.g, self.bw * 1e-12)
+        hi = jnp.full_like(self.g, self.bw)
+        beta = _bisect(lambda b: self.fastest_finish(b) <= deadline, lo, hi, 90, log=True)
+        return jnp.where(self.fastest_finish(hi) <= deadline, beta, jnp.inf)
+
+    def energy(self, beta, deadline):
+        v = self.uplink_time(beta, deadline) * beta
+        return self.n0 / self.g * v * jnp.expm1(_LN2 * self.d / v)
+
+    def power(self, beta, deadline):
+        t = self.uplink_time(beta, deadline)
+        return beta * self.n0 / self.g * jnp.expm1(_LN2 * self.d / (t * beta))
+
+    def energy_slope(self, beta, deadline):
+        """d e_k / d beta_k (negative), with the uplink time's own dependence on beta."""
+        t = self.uplink_time(beta, deadline)
+        s = self.p_srv * self.g / (beta * self.n0)
+        r_dn = self.rate(beta, self.p_srv)
+        dr_dn = (jnp.log1p(s) - s / (1.0 + s)) / _LN2
+        u = t + beta * self.h * dr_dn / r_dn**2
+        x = self.d / (t * beta)
+        return self.n0 / self.g * u * (jnp.expm1(_LN2 * x) - x * _LN2 * jnp.exp(_LN2 * x))
+
+    def bandwidth_at_price(self, price, beta_lo, deadline):
+        """argmin_beta e_k(beta) + price * beta on ``[beta_lo, B]``."""
+        hi = jnp.full_like(beta_lo, self.bw)
+        beta = _bisect(
+            lambda b: self.energy_slope(b, deadline) + price >= 0, beta_lo, hi, 70, log=True
+        )
+        at_lo = self.energy_slope(beta_lo, deadline) + price >= 0
+        at_hi = self.energy_slope(hi, deadline) + price <= 0
+        return jnp.where(at_lo, beta_lo, jnp.where(at_hi, hi, beta))
+
+    def bandwidth_at_deadline(self, deadline):
+        """Energy-optimal bandwidth split for ``deadline`` (needs ``sum beta_min <= B``)."""
+        beta_lo = self.beta_min(deadline)
+        price_hi = jnp.max(-self.energy_slope(beta_lo, deadline))
+        total = lambda price: jnp.sum(self.bandwidth_at_price(price, beta_lo, deadline))  # noqa: E731
+        price = _bisect(lambda q: total(q) <= self.bw, price_hi * 1e-60, price_hi, 90, log=True)
+        return self.bandwidth_at_price(price, beta_lo, deadline)
+
+
+def _solve_fixed_bits(problem: Problem, bits):
+    dev = _Devices(problem, bits)
+    t_ref = jnp.asarray(problem.t_ref, jnp.float64)
+    e_ref = jnp.asarray(problem.e_ref, jnp.float64)
+    s = dev.g.shape[-1]
+
+    # The least feasible deadline: sum_k beta_min_k(T) <= B.
+    t_eq = jnp.max(dev.fastest_finish(jnp.full_like(dev.g, dev.bw / s)))
+    t_floor = jnp.max(dev.a + (dev.d / dev.p_max + dev.h / dev.p_srv) * dev.n0 * _LN2 / dev.g)
+    t_min = _bisect(lambda t: jnp.sum(dev.beta_min(t)) <= dev.bw, t_floor, t_eq, 100, log=False)
+
+    def objective(deadline):
+        beta = dev.bandwidth_at_deadline(deadline)
+        energy = jnp.sum(dev.c + dev.energy(beta, deadline))
+        return problem.w_t * deadline / t_ref + problem.w_e * energy / e_ref
+
+    t_hi = jnp.maximum(objective(t_eq) * t_ref / problem.w_t, t_eq)
+
+    def golden(_, state):
+        lo, hi = state
+        x1 = hi - _GOLDEN * (hi - lo)
+        x2 = lo + _GOLDEN * (hi - lo)
+        left = objective(x1) <= objective(x2)
+        return jnp.where(left, lo, x1), jnp.where(left, x2, hi)
+
+    lo, hi = jax.lax.fori_loop(0, 80, golden, (t_min, t_hi))
+    deadline = 0.5 * (lo + hi)
+    beta = dev.bandwidth_at_deadline(deadline)
+    power = jnp.minimum(dev.power(beta, deadline), dev.p_max)
+    return beta, power, deadline
+
+
+def _solve_any(problem: Problem, bits):
+    # Leading axes of the problem are instances.
+    fn = _solve_fixed_bits
+    for _ in range(problem.steps.ndim - 1):
+        fn = jax.vmap(fn)
+    return fn(problem, bits)
+
+
+_solve_jit = jax.jit(_solve_any)
+
+
+def allocate(problem: Problem, bits: jax.Array) -> tuple[Allocation, dict]:
+    """Global optimum of power and bandwidth for the given bits (float64 inside).
+
+    Args:
+      problem: one instance (``[S]`` arrays) or a batch (``[N, S]``, solved in one vmapped call).
+      bits: ``[S]`` (or ``[N, S]``) cut-layer bits, fixed.
+
+    Returns:
+      ``(allocation, diagnostics)``; diagnostics hold ``objective``, ``deadline_s`` and
+      ``feasible``.
+    """
+    with jax.enable_x64(True):
+        beta, power, deadline = _solve_jit(problem, jnp.broadcast_to(bits, problem.steps.shape))
+        allocation = Allocation(
+            power_w=power.astype(jnp.float32),
+            bandwidth_hz=beta.astype(jnp.float32),
+            bits=jnp.asarray(bits, jnp.float32),
+        )
+    result = evaluate(problem, allocation)
+    return allocation, {
+        "objective": result["objective"],
+        "deadline_s": deadline,
+        "feasible": feasible(problem, allocation, budget=False),
+    }
+
+
+def allocate_bits_search(problem: Problem) -> tuple[Allocation, dict]:
+    """Exact power and bandwidth for every integer bit vector meeting the budget; the best wins.
+
+    Exhaustive over ``(bits_max - bits_min + 1)^S`` vectors: for small S only (tests).
+    """
+    wts = problem.weights
+    s = problem.num_devices
+    choices = np.arange(wts.bits_min, wts.bits_max + 1)
+    candidates = np.asarray(list(itertools.product(choices, repeat=s)), np.float32)
+    ok = np.asarray(jax.vmap(lambda b: quant_budget_used(problem, b))(candidates)) <= problem.eps_q
+    if not ok.any():
+        raise ValueError(
+            f"allocation.eps_q={problem.eps_q}: no bits in [{wts.bits_min}, {wts.bits_max}] meet it"
+        )
+    # Fewer bits never cost more, so only vectors that cannot lose a bit are worth solving.
+    best = None
+    for bits in candidates[ok]:
+        lower = bits - np.eye(s, dtype=np.float32)
+        minimal = all(
+            b[i] < wts.bits_min or float(quant_budget_used(problem, b)) > problem.eps_q
+            for i, b in enumerate(lower)
+        )
+        if not minimal:
+            continue
+        allocation, diag = allocate(problem, jnp.asarray(bits))
+        if best is None or float(diag["objective"]) < float(best[1]["objective"]):
+            best = (allocation, diag)
+    return best

@@ -1,0 +1,241 @@
+"""The per-round resource allocation problem of SPEC section 4.
+
+    minimise   w_T T_round / T_ref + w_E E_round / E_ref
+    subject to 0 <= p_k <= P_max,  beta_k >= 0,  sum_k beta_k <= B,
+               b_k in {b_min, ..., b_max},  sum_k rho_k delta(b_k) <= eps_Q
+
+For fixed bits, device k's round time and energy are
+
+    T_k = A_k + D_k / r_up(beta_k, p_k) + H_k / r_dn(beta_k)
+    E_k = C_k + p_k D_k / r_up(beta_k, p_k)
+
+with A_k, C_k its compute time and energy, D_k = tau_k B P(b_k) + 32 |w_c| its uplink bits and
+H_k = tau_k B P(g_bits) + 32 |w_c| its downlink bits (SPEC section 3). ``Problem`` holds these
+per-device quantities so that every solver sees the same numbers as ``wireless.costs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from sflam_jax import quant
+from sflam_jax.wireless.channel import Devices, SystemParams, rate_bps
+from sflam_jax.wireless.costs import Workload, sflam_round_costs
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """Objective weights, bit range and learning budget (config ``allocation``).
+
+    Attributes:
+      w_t: weight of normalised latency (> 0).
+      w_e: weight of normalised energy; ``w_t + w_e = 1``.
+      bits_min, bits_max: range of cut-layer bits.
+      eps_q: learning-quality budget on ``sum_k rho_k delta(b_k)``.
+      value_range: assumed ``max - min`` of a sample's smashed data in ``delta(b)``.
+      down_bits: downlink gradient bits (not optimised).
+    """
+
+    w_t: float = 0.5
+    w_e: float = 0.5
+    bits_min: int = 2
+    bits_max: int = 16
+    eps_q: float = 0.5
+    value_range: float = 10.0
+    down_bits: int = 32
+
+    def __post_init__(self):
+        if not self.w_t > 0:
+            raise ValueError(
+                f"allocation.w_t={self.w_t} must be > 0 (with w_t = 0 the deadline is unbounded)"
+            )
+        if self.w_e < 0:
+            raise ValueError(f"allocation.w_e={self.w_e} must be >= 0")
+        if abs(self.w_t + self.w_e - 1.0) > 1e-9:
+            raise ValueError(
+                f"allocation.w_t + allocation.w_e = {self.w_t + self.w_e} must equal 1"
+            )
+        if not 1 <= self.bits_min <= self.bits_max <= 31:
+            raise ValueError(
+                f"allocation.bits_min={self.bits_min}, allocation.bits_max={self.bits_max}: "
+                "need 1 <= bits_min <= bits_max <= 31"
+            )
+        if not self.eps_q > 0:
+            raise ValueError(f"allocation.eps_q={self.eps_q} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class BitsSpec:
+    """The static part of ``Weights``: bit range, assumed value range, downlink bits."""
+
+    bits_min: int
+    bits_max: int
+    value_range: float
+    down_bits: int
+
+
+@flax.struct.dataclass
+class Problem:
+    """One round's allocation instance; arrays are ``[S]`` (add leading axes with ``vmap``).
+
+    Attributes:
+      devices: gains and clocks of the S sampled devices.
+      steps: local steps tau_k.
+      rho: data weights ``n_k / sum_j n_j``.
+      workload: FLOPs and sizes of the split model (static).
+      params: system constants (static).
+      weights: bit range, value range and downlink bits (static); the objective weights and the
+        budget are array fields, so instances that differ only in them batch together.
+      t_ref, e_ref: latency and energy at full power, equal bandwidth and 32 bits.
+      w_t, w_e: objective weights; eps_q: learning budget.
+    """
+
+    devices: Devices
+    steps: jax.Array
+    rho: jax.Array
+    t_ref: jax.Array
+    e_ref: jax.Array
+    w_t: jax.Array
+    w_e: jax.Array
+    eps_q: jax.Array
+    workload: Workload = flax.struct.field(pytree_node=False)
+    params: SystemParams = flax.struct.field(pytree_node=False)
+    weights: BitsSpec = flax.struct.field(pytree_node=False)
+
+    @property
+    def num_devices(self) -> int:
+        return self.steps.shape[-1]
+
+
+@flax.struct.dataclass
+class Allocation:
+    """Per-device decisions: ``power_w``, ``bandwidth_hz``, ``bits`` (``[S]`` each)."""
+
+    power_w: jax.Array
+    bandwidth_hz: jax.Array
+    bits: jax.Array
+
+
+def make_problem(
+    devices: Devices,
+    steps: jax.Array,
+    rho: jax.Array,
+    workload: Workload,
+    params: SystemParams,
+    weights: Weights,
+) -> Problem:
+    """Builds an instance; ``T_ref``, ``E_ref`` are at equal bandwidth, full power and 32 bits."""
+    s = steps.shape[-1]
+    ref = sflam_round_costs(
+        devices,
+        steps,
+        jnp.full((s,), params.p_max_w),
+        jnp.full((s,), params.bandwidth_hz / s),
+        jnp.full((s,), float(quant.FLOAT_BITS)),
+        workload,
+        params,
+        weights.down_bits,
+    )
+    return Problem(
+        devices=devices,
+        steps=jnp.asarray(steps, jnp.float32),
+        rho=jnp.asarray(rho, jnp.float32),
+        t_ref=ref["round_latency_s"],
+        e_ref=ref["round_energy_j"],
+        w_t=jnp.float32(weights.w_t),
+        w_e=jnp.float32(weights.w_e),
+        eps_q=jnp.float32(weights.eps_q),
+        workload=workload,
+        params=params,
+        weights=BitsSpec(
+            weights.bits_min, weights.bits_max, weights.value_range, weights.down_bits
+        ),
+    )
+
+
+def link_loads(problem: Problem, bits: jax.Array) -> dict[str, jax.Array]:
+    """The fixed-bits terms ``A_k, C_k, D_k, H_k`` of the module docstring (``[S]`` each)."""
+    w, p, dev = problem.workload, problem.params, problem.devices
+    b = w.batch_size
+    s = problem.num_devices
+    t_cf = b * w.client_flops / (p.flops_per_cycle * dev.cpu_hz)
+    t_srv = 3.0 * b * w.server_flops * s / p.server_flops
+    agg = quant.FLOAT_BITS * w.client_params
+    return {
+        "compute_s": problem.steps * (3.0 * t_cf + t_srv),
+        "compute_j": problem.steps
+        * p.kappa
+        * dev.cpu_hz**2
+        * 3.0
+        * b
+        * w.client_flops
+        / p.flops_per_cycle,
+        "up_bits": problem.steps * b * quant.payload_bits(bits, w.values_per_sample) + agg,
+        "down_bits": problem.steps
+        * b
+        * quant.payload_bits(problem.weights.down_bits, w.values_per_sample)
+        + agg,
+    }
+
+
+def evaluate(problem: Problem, allocation: Allocation) -> dict[str, jax.Array]:
+    """Round costs of an allocation and its objective ``w_T T/T_ref + w_E E/E_ref``."""
+    costs = sflam_round_costs(
+        problem.devices,
+        problem.steps,
+        allocation.power_w,
+        allocation.bandwidth_hz,
+        allocation.bits,
+        problem.workload,
+        problem.params,
+        problem.weights.down_bits,
+    )
+    objective = (
+        problem.w_t * costs["round_latency_s"] / problem.t_ref
+        + problem.w_e * costs["round_energy_j"] / problem.e_ref
+    )
+    budget = quant_budget_used(problem, allocation.bits)
+    return {**costs, "objective": objective, "quant_error": budget}
+
+
+def quant_budget_used(problem: Problem, bits: jax.Array) -> jax.Array:
+    """``sum_k rho_k delta(b_k)`` (SPEC sections 2 and 4)."""
+    wts = problem.weights
+    delta = quant.error_proxy(bits, problem.workload.values_per_sample, wts.value_range)
+    return jnp.sum(problem.rho * delta, axis=-1)
+
+
+def smallest_bits(problem: Problem) -> jax.Array:
+    """Smallest uniform bit width meeting the learning budget (``bits_max`` if none does).
+
+    ``delta`` falls with ``b``, so equal bits ``b`` meet the budget iff ``delta(b) <= eps_Q``
+    (the ``rho_k`` sum to 1).
+    """
+    wts = problem.weights
+    candidates = jnp.arange(wts.bits_min, wts.bits_max + 1, dtype=jnp.float32)
+    delta = quant.error_proxy(candidates, problem.workload.values_per_sample, wts.value_range)
+    ok = delta <= problem.eps_q
+    b = jnp.where(jnp.any(ok), candidates[jnp.argmax(ok)], float(wts.bits_max))
+    return jnp.full(problem.steps.shape, b)
+
+
+def feasible(
+    problem: Problem, allocation: Allocation, rtol: float = 1e-6, budget: bool = True
+) -> jax.Array:
+    """Whether an allocation satisfies every constraint (the bits budget too when ``budget``)."""
+    p = problem.params
+    wts = problem.weights
+    power, bw, bits = allocation.power_w, allocation.bandwidth_hz, allocation.bits
+    ok_power = jnp.all((power >= 0) & (power <= p.p_max_w * (1 + rtol)), axis=-1)
+    ok_bw = jnp.all(bw >= 0, axis=-1) & (jnp.sum(bw, axis=-1) <= p.bandwidth_hz * (1 + rtol))
+    ok_bits = jnp.all((bits >= wts.bits_min) & (bits <= wts.bits_max), axis=-1)
+    ok_budget = quant_budget_used(problem, allocation.bits) <= problem.eps_q * (1 + rtol)
+    return ok_power & ok_bw & (ok_bits & ok_budget if budget else True)
+
+
+def uplink_rate(problem: Problem, bandwidth_hz, power_w):
+    return rate_bps(bandwidth_hz, power_w, problem.devices.gain, problem.params.noise_w_per_hz)

@@ -1,0 +1,106 @@
+"""Allocators against the exact optimum and a brute-force grid (SPEC section 4)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sflam_jax.allocation import exact, pgd
+from sflam_jax.allocation import problem as pb
+from sflam_jax.wireless import channel, costs
+
+PARAMS = channel.SystemParams()
+WORK = costs.Workload(
+    client_flops=1.2e6,
+    server_flops=5e6,
+    values_per_sample=17 * 64,
+    client_params=4000,
+    batch_size=32,
+)
+
+
+def make_instances(key, num, s, w_t=None):
+    """``num`` random instances with S devices, random steps, and (unless given) random w_T."""
+    keys = jax.random.split(key, num)
+    w_ts = np.asarray(
+        jax.random.uniform(jax.random.fold_in(key, 7), (num,), minval=0.05, maxval=0.95)
+    )
+    problems = []
+    for i, k in enumerate(keys):
+        devices = channel.draw_devices(k, s, PARAMS)
+        steps = jax.random.randint(jax.random.fold_in(k, 1), (s,), 1, 100).astype(jnp.float32)
+        wt = float(w_ts[i]) if w_t is None else w_t
+        weights = pb.Weights(w_t=wt, w_e=1.0 - wt)
+        problems.append(pb.make_problem(devices, steps, steps / steps.sum(), WORK, PARAMS, weights))
+    return problems
+
+
+def test_exact_matches_brute_force_grid():
+    n = 241
+    for problem in make_instances(jax.random.key(0), 3, 2):
+        bits = jnp.array([6.0, 12.0])
+        allocation, diag = exact.allocate(problem, bits)
+        assert bool(diag["feasible"])
+        beta1 = jnp.linspace(0.002, 0.998, n) * PARAMS.bandwidth_hz
+        power = jnp.linspace(0.002, 1.0, n) * PARAMS.p_max_w
+        b1, p1, p2 = (x.ravel() for x in jnp.meshgrid(beta1, power, power, indexing="ij"))
+        grid = pb.Allocation(
+            power_w=jnp.stack([p1, p2], -1),
+            bandwidth_hz=jnp.stack([b1, PARAMS.bandwidth_hz - b1], -1),
+            bits=jnp.broadcast_to(bits, (b1.size, 2)),
+        )
+        values = jax.jit(jax.vmap(lambda a: pb.evaluate(problem, a)["objective"]))(grid)
+        best_grid = float(values.min())
+        # The exact optimum is never beaten by the grid and the grid gets close to it.
+        assert float(diag["objective"]) <= best_grid * (1 + 1e-6)
+        assert best_grid <= float(diag["objective"]) * (1 + 2e-3)
+
+
+def test_exact_solution_structure():
+    (problem,) = make_instances(jax.random.key(1), 1, 6, w_t=0.5)
+    bits = jnp.full(6, 8.0)
+    allocation, diag = exact.allocate(problem, bits)
+    out = pb.evaluate(problem, allocation)
+    # All bandwidth is used and every device finishes at the deadline (energy falls with time).
+    np.testing.assert_allclose(allocation.bandwidth_hz.sum(), PARAMS.bandwidth_hz, rtol=1e-5)
+    np.testing.assert_allclose(out["latency_s"], diag["deadline_s"], rtol=1e-4)
+    # Any small feasible perturbation of the bandwidth split does not improve the objective.
+    for seed in range(5):
+        noise = jax.random.normal(jax.random.key(seed), (6,)) * 0.01
+        beta = allocation.bandwidth_hz * jnp.exp(noise)
+        beta = beta / beta.sum() * PARAMS.bandwidth_hz
+        other, _ = pgd.polish(problem, beta, bits)
+        assert float(pb.evaluate(problem, other)["objective"]) >= float(diag["objective"]) * (
+            1 - 1e-6
+        )
+
+
+SIZES = [2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 200]
+
+
+def test_pgd_within_tenth_of_a_percent_of_exact_on_500_instances():
+    gaps = []
+    for i, s in enumerate(SIZES):
+        num = 500 // len(SIZES) + (1 if i < 500 % len(SIZES) else 0)
+        problems = make_instances(jax.random.key(100 + s), num, s)
+        bits = jax.random.randint(jax.random.key(s), (num, s), 2, 17).astype(jnp.float32)
+        batch = jax.tree.map(lambda *xs: jnp.stack(xs), *problems)
+        _, ref = exact.allocate(batch, bits)
+        assert bool(jnp.all(ref["feasible"]))
+        allocations, diag = jax.jit(jax.vmap(lambda p, b: pgd.allocate(p, b)))(batch, bits)
+        assert bool(jnp.all(pb.feasible(batch, allocations, budget=False)))
+        gaps.append(np.asarray(diag["objective"]) / np.asarray(ref["objective"]) - 1.0)
+    gaps = np.concatenate(gaps)
+    assert gaps.size == 500
+    assert np.mean(gaps <= 1e-3) >= 0.99, np.sort(gaps)[-10:]
+    assert gaps.max() <= 1e-2
+    assert gaps.min() >= -1e-5  # nothing beats the global optimum
+
+
+def test_weights_validation_names_the_field():
+    with pytest.raises(ValueError, match="allocation.w_t=0"):
+        pb.Weights(w_t=0.0, w_e=1.0)
+    with pytest.raises(ValueError, match="must equal 1"):
+        pb.Weights(w_t=0.5, w_e=0.6)
+    with pytest.raises(ValueError, match="allocation.bits_min=0"):
+        pb.Weights(bits_min=0)
