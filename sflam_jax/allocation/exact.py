@@ -35,25 +35,9 @@ from sflam_jax.allocation.problem import (
     link_loads,
     quant_budget_used,
 )
+from sflam_jax.allocation.search import bisect, golden_section
 
 _LN2 = np.log(2.0)
-_GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
-
-
-def _bisect(pred, lo, hi, iters: int, log: bool):
-    """Vectorised bisection: ``pred`` False at ``lo``, True at ``hi``; returns the True end."""
-    f = jnp.log if log else (lambda x: x)
-    g = jnp.exp if log else (lambda x: x)
-    lo, hi = f(lo), f(hi)
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        ok = pred(g(mid))
-        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-
-    _, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
-    return g(hi)
 
 
 class _Devices:
@@ -86,7 +70,7 @@ class _Devices:
         """Least bandwidth meeting ``deadline`` at full power (inf where even B cannot)."""
         lo = jnp.full_like(self.g, self.bw * 1e-12)
         hi = jnp.full_like(self.g, self.bw)
-        beta = _bisect(lambda b: self.fastest_finish(b) <= deadline, lo, hi, 90, log=True)
+        beta = bisect(lambda b: self.fastest_finish(b) <= deadline, lo, hi, 45, log=True)
         return jnp.where(self.fastest_finish(hi) <= deadline, beta, jnp.inf)
 
     def energy(self, beta, deadline):
@@ -110,8 +94,8 @@ class _Devices:
     def bandwidth_at_price(self, price, beta_lo, deadline):
         """argmin_beta e_k(beta) + price * beta on ``[beta_lo, B]``."""
         hi = jnp.full_like(beta_lo, self.bw)
-        beta = _bisect(
-            lambda b: self.energy_slope(b, deadline) + price >= 0, beta_lo, hi, 70, log=True
+        beta = bisect(
+            lambda b: self.energy_slope(b, deadline) + price >= 0, beta_lo, hi, 40, log=True
         )
         at_lo = self.energy_slope(beta_lo, deadline) + price >= 0
         at_hi = self.energy_slope(hi, deadline) + price <= 0
@@ -122,7 +106,7 @@ class _Devices:
         beta_lo = self.beta_min(deadline)
         price_hi = jnp.max(-self.energy_slope(beta_lo, deadline))
         total = lambda price: jnp.sum(self.bandwidth_at_price(price, beta_lo, deadline))  # noqa: E731
-        price = _bisect(lambda q: total(q) <= self.bw, price_hi * 1e-60, price_hi, 90, log=True)
+        price = bisect(lambda q: total(q) <= self.bw, price_hi * 1e-60, price_hi, 50, log=True)
         return self.bandwidth_at_price(price, beta_lo, deadline)
 
 
@@ -135,7 +119,7 @@ def _solve_fixed_bits(problem: Problem, bits):
     # The least feasible deadline: sum_k beta_min_k(T) <= B.
     t_eq = jnp.max(dev.fastest_finish(jnp.full_like(dev.g, dev.bw / s)))
     t_floor = jnp.max(dev.a + (dev.d / dev.p_max + dev.h / dev.p_srv) * dev.n0 * _LN2 / dev.g)
-    t_min = _bisect(lambda t: jnp.sum(dev.beta_min(t)) <= dev.bw, t_floor, t_eq, 100, log=False)
+    t_min = bisect(lambda t: jnp.sum(dev.beta_min(t)) <= dev.bw, t_floor, t_eq, 60, log=False)
 
     def objective(deadline):
         beta = dev.bandwidth_at_deadline(deadline)
@@ -144,14 +128,7 @@ def _solve_fixed_bits(problem: Problem, bits):
 
     t_hi = jnp.maximum(objective(t_eq) * t_ref / problem.w_t, t_eq)
 
-    def golden(_, state):
-        lo, hi = state
-        x1 = hi - _GOLDEN * (hi - lo)
-        x2 = lo + _GOLDEN * (hi - lo)
-        left = objective(x1) <= objective(x2)
-        return jnp.where(left, lo, x1), jnp.where(left, x2, hi)
-
-    lo, hi = jax.lax.fori_loop(0, 80, golden, (t_min, t_hi))
+    lo, hi = golden_section(objective, t_min, t_hi, 60)
     deadline = 0.5 * (lo + hi)
     beta = dev.bandwidth_at_deadline(deadline)
     power = jnp.minimum(dev.power(beta, deadline), dev.p_max)

@@ -33,9 +33,9 @@ from sflam_jax.allocation.problem import (
     quant_budget_used,
     smallest_bits,
 )
+from sflam_jax.allocation.search import golden_section
 
 _LN2 = 0.6931471805599453
-_GOLDEN = 0.6180339887498949
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +99,7 @@ class _Split:
         t_min = self.fastest_deadline()
         t_hi = jnp.maximum(self.objective(t_min) * self.problem.t_ref / self.problem.w_t, t_min)
 
-        def golden(_, bounds):
-            lo, hi = bounds
-            x1, x2 = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-            left = self.objective(x1) <= self.objective(x2)
-            return jnp.where(left, lo, x1), jnp.where(left, x2, hi)
-
-        lo, hi = jax.lax.fori_loop(0, iters, golden, (t_min, t_hi))
+        lo, hi = golden_section(self.objective, t_min, t_hi, iters)
         # The optimum can sit exactly at T_min, which golden section never evaluates.
         candidates = jnp.stack([t_min, lo, hi])
         return candidates[jnp.argmin(jax.vmap(self.objective)(candidates))]
