@@ -66,6 +66,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.momentum = 0.9
     c.optimizer.weight_decay = 0.0
 
+    c.wireless = ml_collections.ConfigDict()  # SPEC section 3; SI units
+    c.wireless.radius_m = 250.0  # devices uniform in a disc around the edge server
+    c.wireless.min_distance_m = 10.0
+    c.wireless.shadowing_std_db = 8.0
+    c.wireless.noise_dbm_per_hz = -174.0
+    c.wireless.bandwidth_hz = 20e6  # total uplink bandwidth B
+    c.wireless.p_max_w = 0.2  # device power limit
+    c.wireless.server_power_w = 1.0  # downlink power
+    c.wireless.cpu_min_hz = 0.5e9  # device clocks ~ U[min, max]
+    c.wireless.cpu_max_hz = 2.0e9
+    c.wireless.flops_per_cycle = 16.0
+    c.wireless.kappa = 1e-28  # energy per cycle is kappa f^2
+    c.wireless.server_flops = 100e12  # edge server FLOP/s, shared by the S copies
+
+    c.allocation = ml_collections.ConfigDict()  # SPEC section 4
+    c.allocation.method = "equal"  # "pgd", "equal" (full power, equal bandwidth), "max_power"
+    c.allocation.optimize_bits = False  # let the solver pick bits; False: quant.up_bits for all
+    c.allocation.w_t = 0.5  # weight of T_round / T_ref (> 0)
+    c.allocation.w_e = 0.5  # weight of E_round / E_ref; w_t + w_e = 1
+    c.allocation.bits_min = 2
+    c.allocation.bits_max = 16
+    c.allocation.eps_q = 0.5  # budget on sum_k rho_k delta(b_k)
+    c.allocation.value_range = 10.0  # assumed max - min of a sample's smashed data in delta(b)
+    c.allocation.pgd_steps = 1500
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 5  # rounds between checkpoints (the last round is always saved)
     c.checkpoint.max_to_keep = 2
@@ -161,8 +186,62 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _fail("optimizer.momentum", cfg.optimizer.momentum, "must be in [0, 1)")
     if cfg.optimizer.weight_decay < 0:
         _fail("optimizer.weight_decay", cfg.optimizer.weight_decay, "must be >= 0")
+    for name in (
+        "radius_m",
+        "bandwidth_hz",
+        "p_max_w",
+        "server_power_w",
+        "cpu_min_hz",
+        "cpu_max_hz",
+        "flops_per_cycle",
+        "kappa",
+        "server_flops",
+    ):
+        _positive(cfg, f"wireless.{name}")
+    if not 0 <= cfg.wireless.min_distance_m < cfg.wireless.radius_m:
+        _fail(
+            "wireless.min_distance_m",
+            cfg.wireless.min_distance_m,
+            f"must be in [0, wireless.radius_m={cfg.wireless.radius_m})",
+        )
+    if cfg.wireless.cpu_min_hz > cfg.wireless.cpu_max_hz:
+        _fail("wireless.cpu_min_hz", cfg.wireless.cpu_min_hz, "must be <= wireless.cpu_max_hz")
+    if cfg.wireless.shadowing_std_db < 0:
+        _fail("wireless.shadowing_std_db", cfg.wireless.shadowing_std_db, "must be >= 0")
+    _choice(cfg, "allocation.method", ("pgd", "equal", "max_power"))
+    _int_in(cfg, "allocation.bits_min", 1, 31)
+    _int_in(cfg, "allocation.bits_max", cfg.allocation.bits_min, 31)
+    _positive(cfg, "allocation.value_range")
+    _int_in(cfg, "allocation.pgd_steps", 1)
+    try:
+        allocation_weights(cfg)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
     _int_in(cfg, "checkpoint.every", 1)
     _int_in(cfg, "checkpoint.max_to_keep", 1)
+
+
+def system_params(cfg: ml_collections.ConfigDict):
+    """``wireless.channel.SystemParams`` from ``config.wireless``."""
+    from sflam_jax.wireless.channel import SystemParams
+
+    return SystemParams(**{k: float(v) for k, v in cfg.wireless.items()})
+
+
+def allocation_weights(cfg: ml_collections.ConfigDict):
+    """``allocation.problem.Weights`` from ``config.allocation`` (validated there)."""
+    from sflam_jax.allocation.problem import Weights
+
+    a = cfg.allocation
+    return Weights(
+        w_t=float(a.w_t),
+        w_e=float(a.w_e),
+        bits_min=a.bits_min,
+        bits_max=a.bits_max,
+        eps_q=float(a.eps_q),
+        value_range=float(a.value_range),
+        down_bits=cfg.quant.down_bits,
+    )
 
 
 def validate_data(cfg: ml_collections.ConfigDict, image_shape, train_size: int) -> None:

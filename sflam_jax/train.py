@@ -14,14 +14,17 @@ from tqdm.auto import tqdm
 from sflam_jax import quant
 from sflam_jax.algorithms.base import Preprocess, RoundState, make_evaluate, make_optimizer
 from sflam_jax.algorithms.sflam import SFLAM
+from sflam_jax.allocation.pgd import PGDOptions
+from sflam_jax.allocation.planner import RoundPlanner
 from sflam_jax.checkpoint import Checkpointer
-from sflam_jax.config import validate, validate_data
+from sflam_jax.config import allocation_weights, system_params, validate, validate_data
 from sflam_jax.data.batches import make_client_data
 from sflam_jax.data.datasets import Dataset, load_dataset
 from sflam_jax.data.partition import partition
 from sflam_jax.metrics import MetricWriter, atomic_write_text, read_jsonl, to_python
 from sflam_jax.models import split as split_lib
 from sflam_jax.models import vit
+from sflam_jax.wireless.costs import Workload
 
 
 def build_model(config, dataset: Dataset):
@@ -47,11 +50,35 @@ def build_model(config, dataset: Dataset):
     return model_cfg, model
 
 
+def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: dict):
+    """The per-round resource planner; FLOPs come from XLA's cost analysis of the float segments."""
+    float_model = split_lib.split(model_cfg, config.model.cut_layer)
+    image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
+    client_flops, server_flops = split_lib.segment_flops(
+        float_model, params_c, params_s, image_shape
+    )
+    workload = Workload(
+        client_flops=client_flops,
+        server_flops=server_flops,
+        values_per_sample=float_model.values_per_sample,
+        client_params=split_lib.num_params(params_c),
+        batch_size=config.train.batch_size,
+    )
+    return RoundPlanner(
+        method=config.allocation.method,
+        workload=workload,
+        params=system_params(config),
+        weights=allocation_weights(config),
+        fixed_bits=None if config.allocation.optimize_bits else config.quant.up_bits,
+        pgd=PGDOptions(steps=config.allocation.pgd_steps),
+    )
+
+
 def initial_state(model_cfg: vit.ViTConfig, cut_layer: int, key: jax.Array) -> RoundState:
     params_c, params_s = split_lib.split_params(
         vit.init_params(model_cfg, key), cut_layer, model_cfg.depth
     )
-    return RoundState(round=jnp.zeros((), jnp.int32), params_c=params_c, params_s=params_s)
+    return RoundState.create(params_c, params_s)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -72,6 +99,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preprocess = Preprocess(
         mean=tuple(config.data.mean), std=tuple(config.data.std), image_size=model_cfg.image_size
     )
+    init_key, run_key = jax.random.split(jax.random.key(config.seed))
+    initial = initial_state(model_cfg, config.model.cut_layer, init_key)
     algorithm = SFLAM(
         model=model,
         optimizer=make_optimizer(config.optimizer),
@@ -81,6 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch_size=config.train.batch_size,
         down_bits=config.quant.down_bits,
         chunk_size=config.train.chunk_size,
+        planner=build_planner(config, model_cfg, initial.params_c, initial.params_s),
     )
     client_data = make_client_data(
         dataset.train_images, dataset.train_labels, parts, config.train.batch_size
@@ -88,11 +118,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     test_images = jnp.asarray(dataset.test_images)
     test_labels = jnp.asarray(dataset.test_labels)
 
-    init_key, run_key = jax.random.split(jax.random.key(config.seed))
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.max_to_keep
     )
-    state = checkpointer.restore_or_init(initial_state(model_cfg, config.model.cut_layer, init_key))
+    state = checkpointer.restore_or_init(initial)
     start = int(state.round)
     writer = MetricWriter(workdir, start, config.metrics.tensorboard)
 

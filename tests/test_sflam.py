@@ -36,7 +36,7 @@ def _setup(sizes, cut_layer, seed=0):
     bounds = np.cumsum([0, *sizes])
     parts = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
     data = make_client_data(images, labels, parts, B)
-    state = RoundState(round=jnp.zeros((), jnp.int32), params_c=params_c, params_s=params_s)
+    state = RoundState.create(params_c, params_s)
     return model, state, data, images, labels, parts
 
 

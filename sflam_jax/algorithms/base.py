@@ -23,11 +23,22 @@ class RoundState:
       round: int32 scalar, rounds completed; the next round's key is ``fold_in(seed_key, round)``.
       params_c: global client segment ``w_c``.
       params_s: global server segment ``w_s``.
+      sim_time_s: simulated wall-clock so far, the sum of the rounds' T_round (SPEC section 3).
+      sim_energy_j: device energy so far, the sum of the rounds' E_round.
     """
 
     round: jax.Array
     params_c: dict
     params_s: dict
+    sim_time_s: jax.Array
+    sim_energy_j: jax.Array
+
+    @classmethod
+    def create(cls, params_c: dict, params_s: dict) -> RoundState:
+        """The state before the first round."""
+        # Separate buffers: the jitted round donates the state, and a buffer may be donated once.
+        zero = lambda: jnp.zeros((), jnp.float32)  # noqa: E731
+        return cls(jnp.zeros((), jnp.int32), params_c, params_s, zero(), zero())
 
 
 class Algorithm(Protocol):

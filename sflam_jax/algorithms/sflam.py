@@ -18,6 +18,7 @@ earlier keep their parameters (masked update).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,10 @@ from sflam_jax.algorithms.base import (
 from sflam_jax.data.batches import ClientData, client_batch, epoch_orders, local_steps
 from sflam_jax.models.split import SplitModel
 
+# fold_in constant of the round key's system-model stream (channel draws), apart from the
+# client-sampling and training streams that jax.random.split(key) gives.
+_SYSTEM_STREAM = 0x5157
+
 
 @dataclasses.dataclass(frozen=True)
 class SFLAM:
@@ -48,6 +53,8 @@ class SFLAM:
       batch_size: B.
       down_bits: bits of the downlink gradient (32: float).
       chunk_size: clients vmapped at once (0: all S at once).
+      planner: per-round resource planning (channel, allocation, costs); None skips the system
+        model and uses the ``up_bits`` given to ``round``.
     """
 
     model: SplitModel
@@ -58,6 +65,7 @@ class SFLAM:
     batch_size: int
     down_bits: int = 32
     chunk_size: int = 0
+    planner: Callable | None = None
 
     @property
     def chunk(self) -> int:
@@ -148,27 +156,34 @@ class SFLAM:
 
     # -- the round --------------------------------------------------------------------------
 
-    def round_plan(self, data: ClientData, key: jax.Array, up_bits) -> dict[str, jax.Array]:
+    def round_plan(self, data: ClientData, key: jax.Array, up_bits):
         """Which clients train this round and with which bits, padded to whole chunks.
 
-        Returns ``{"clients", "counts", "up_bits", "keys"}``, each ``[num_chunks, C]``.
+        Returns ``({"clients", "counts", "up_bits", "keys"} each [num_chunks, C], system metrics)``;
+        with a planner, the bits come from its allocation for the sampled clients.
         """
         sample_key, train_key = jax.random.split(key)
         s, total = self.clients_per_round, self.num_chunks * self.chunk
         clients = sample_clients(sample_key, data.num_clients, s)
         bits = jnp.broadcast_to(jnp.asarray(up_bits, jnp.float32), (s,))
+        system = {}
+        if self.planner is not None:
+            counts = data.counts[clients]
+            steps = local_steps(counts, self.batch_size, self.local_epochs)
+            bits, system = self.planner(jax.random.fold_in(key, _SYSTEM_STREAM), steps, counts)
         pad = total - s
         clients = jnp.concatenate([clients, jnp.zeros((pad,), jnp.int32)])
         counts = jnp.where(jnp.arange(total) < s, data.counts[clients], 0)
         bits = jnp.concatenate([bits, jnp.full((pad,), quant.FLOAT_BITS, jnp.float32)])
         keys = jax.vmap(lambda c: jax.random.fold_in(train_key, c))(clients)
         shape = (self.num_chunks, self.chunk)
-        return {
+        plan = {
             "clients": clients.reshape(shape),
             "counts": counts.reshape(shape),
             "up_bits": bits.reshape(shape),
             "keys": keys.reshape(shape),
         }
+        return plan, system
 
     def round(self, state: RoundState, data: ClientData, key: jax.Array, up_bits=32):
         """One SFLAM round (SPEC section 1, SFL-V1).
@@ -181,9 +196,10 @@ class SFLAM:
 
         Returns:
           ``(new_state, metrics)`` with metrics ``train_loss``, ``train_accuracy`` (over all local
-          samples of the round), ``samples`` and ``clients`` (the sampled ids ``[S]``).
+          samples of the round), ``samples``, ``clients`` (the sampled ids ``[S]``) and, with a
+          planner, its metrics plus the running ``sim_time_s`` and ``sim_energy_j``.
         """
-        plan = self.round_plan(data, key, up_bits)
+        plan, system = self.round_plan(data, key, up_bits)
 
         def chunk_body(acc, chunk):
             params_c, params_s, stats = self.train_chunk(
@@ -199,15 +215,22 @@ class SFLAM:
         init = (zeros(state.params_c), zeros(state.params_s), jnp.zeros((3,), jnp.float32))
         (sum_c, sum_s, stats), _ = jax.lax.scan(chunk_body, init, plan)
         weight = jnp.sum(plan["counts"]).astype(jnp.float32)
+        sim_time = state.sim_time_s + system.get("round_latency_s", 0.0)
+        sim_energy = state.sim_energy_j + system.get("round_energy_j", 0.0)
         new_state = RoundState(
             round=state.round + 1,
             params_c=jax.tree.map(lambda x: x / weight, sum_c),
             params_s=jax.tree.map(lambda x: x / weight, sum_s),
+            sim_time_s=sim_time,
+            sim_energy_j=sim_energy,
         )
         metrics = {
             "train_loss": stats[0] / stats[2],
             "train_accuracy": stats[1] / stats[2],
             "samples": stats[2],
             "clients": plan["clients"].reshape(-1)[: self.clients_per_round],
+            **system,
         }
+        if system:
+            metrics.update(sim_time_s=sim_time, sim_energy_j=sim_energy)
         return new_state, metrics

@@ -1,0 +1,82 @@
+"""Per-round resource planning inside the jitted round: channel draw -> allocation -> costs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sflam_jax.allocation import IN_GRAPH
+from sflam_jax.allocation.pgd import PGDOptions
+from sflam_jax.allocation.problem import Weights, evaluate, make_problem
+from sflam_jax.wireless.channel import SystemParams, draw_devices
+from sflam_jax.wireless.costs import Workload
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlanner:
+    """Draws the devices' channels, allocates power, bandwidth and bits, and costs the round.
+
+    Attributes:
+      method: an in-graph solver name (see ``allocation.IN_GRAPH``).
+      workload: FLOPs and sizes of the split model.
+      params: wireless and compute constants.
+      weights: objective weights, bit range and learning budget.
+      fixed_bits: cut-layer bits for every device, or None to let the solver choose them.
+      pgd: descent settings when ``method == "pgd"``.
+    """
+
+    method: str
+    workload: Workload
+    params: SystemParams
+    weights: Weights
+    fixed_bits: int | None = None
+    pgd: PGDOptions = PGDOptions()
+
+    def __post_init__(self):
+        if self.method not in IN_GRAPH:
+            raise ValueError(
+                f"allocation.method={self.method!r} is unknown; allowed: {sorted(IN_GRAPH)}"
+            )
+
+    def __call__(self, key: jax.Array, steps: jax.Array, counts: jax.Array):
+        """Plans one round for S devices.
+
+        Args:
+          key: the round's system key (channel draw).
+          steps: ``[S]`` local steps tau_k.
+          counts: ``[S]`` samples n_k (FedAvg weights).
+
+        Returns:
+          ``(bits [S], metrics)``; metrics are scalars: latency and energy of the round with
+          their compute / communication split, the objective and the allocation statistics.
+        """
+        s = steps.shape[0]
+        devices = draw_devices(key, s, self.params)
+        rho = counts / jnp.maximum(jnp.sum(counts), 1)
+        problem = make_problem(devices, steps, rho, self.workload, self.params, self.weights)
+        bits = None if self.fixed_bits is None else jnp.full((s,), float(self.fixed_bits))
+        if self.method == "pgd":
+            allocation, _ = IN_GRAPH["pgd"](problem, bits, self.pgd)
+        else:
+            allocation, _ = IN_GRAPH[self.method](problem, bits)
+        costs = evaluate(problem, allocation)
+        slowest = jnp.argmax(costs["latency_s"])
+        metrics = {
+            "round_latency_s": costs["round_latency_s"],
+            "round_compute_s": costs["compute_s"][slowest],
+            "round_comm_s": costs["comm_s"][slowest],
+            "round_energy_j": costs["round_energy_j"],
+            "round_compute_energy_j": jnp.sum(costs["compute_energy_j"]),
+            "round_comm_energy_j": jnp.sum(costs["comm_energy_j"]),
+            "objective": costs["objective"],
+            "quant_error": costs["quant_error"],
+            "bits_mean": jnp.mean(allocation.bits),
+            "bits_min": jnp.min(allocation.bits),
+            "bits_max": jnp.max(allocation.bits),
+            "power_mean_w": jnp.mean(allocation.power_w),
+            "bandwidth_min_hz": jnp.min(allocation.bandwidth_hz),
+            "bandwidth_max_hz": jnp.max(allocation.bandwidth_hz),
+        }
+        return allocation.bits, metrics
