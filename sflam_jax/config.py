@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.wireless.server_flops = 100e12  # edge server FLOP/s, shared by the S copies
 
     c.allocation = ml_collections.ConfigDict()  # SPEC section 4
-    c.allocation.method = "equal"  # "pgd", "equal" (full power, equal bandwidth), "max_power"
+    # "pgd", "bcd", "equal" (full power, equal bandwidth), "max_power" (same, largest bits)
+    c.allocation.method = "equal"
     c.allocation.optimize_bits = False  # let the solver pick bits; False: quant.up_bits for all
     c.allocation.w_t = 0.5  # weight of T_round / T_ref (> 0)
     c.allocation.w_e = 0.5  # weight of E_round / E_ref; w_t + w_e = 1
@@ -208,7 +209,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _fail("wireless.cpu_min_hz", cfg.wireless.cpu_min_hz, "must be <= wireless.cpu_max_hz")
     if cfg.wireless.shadowing_std_db < 0:
         _fail("wireless.shadowing_std_db", cfg.wireless.shadowing_std_db, "must be >= 0")
-    _choice(cfg, "allocation.method", ("pgd", "equal", "max_power"))
+    _choice(cfg, "allocation.method", ("pgd", "bcd", "equal", "max_power"))
     _int_in(cfg, "allocation.bits_min", 1, 31)
     _int_in(cfg, "allocation.bits_max", cfg.allocation.bits_min, 31)
     _positive(cfg, "allocation.value_range")

@@ -104,3 +104,44 @@ def test_weights_validation_names_the_field():
         pb.Weights(w_t=0.5, w_e=0.6)
     with pytest.raises(ValueError, match="allocation.bits_min=0"):
         pb.Weights(bits_min=0)
+
+
+def test_bcd_never_increases_the_objective_and_meets_the_budget():
+    from sflam_jax.allocation import bcd
+
+    for s in (2, 7, 40):
+        problems = make_instances(jax.random.key(300 + s), 6, s)
+        batch = jax.tree.map(lambda *xs: jnp.stack(xs), *problems)
+        allocations, diag = jax.jit(jax.vmap(lambda p: bcd.allocate(p)))(batch)
+        history = np.asarray(diag["history"])
+        assert np.all(np.diff(history, axis=1) <= 1e-7 * history[:, :-1])
+        assert np.all(history[:, -1] < history[:, 0])  # better than equal bandwidth, full power
+        assert bool(jnp.all(diag["feasible"]))  # power, bandwidth, bits range and budget
+
+
+def test_pgd_and_bcd_with_free_bits_meet_the_budget_and_beat_equal():
+    from sflam_jax.allocation import baselines, bcd
+
+    for s in (3, 12, 60):
+        # A tight budget: the smallest uniform bits that meet it are well above bits_min.
+        problems = make_instances(jax.random.key(400 + s), 5, s)
+        batch = jax.tree.map(lambda *xs: jnp.stack(xs), *problems)
+        for solver in (pgd.allocate, bcd.allocate):
+            allocations, diag = jax.jit(jax.vmap(lambda p, f=solver: f(p)))(batch)
+            assert bool(jnp.all(diag["feasible"]))
+            used = jax.vmap(pb.quant_budget_used)(batch, allocations.bits)
+            assert bool(jnp.all(used <= batch.eps_q * (1 + 1e-6)))
+            assert bool(jnp.all(allocations.bits == jnp.round(allocations.bits)))
+            _, base = jax.vmap(lambda p: baselines.equal(p))(batch)
+            assert bool(jnp.all(diag["objective"] <= base["objective"] * (1 + 1e-6)))
+
+
+def test_exact_bit_search_beats_uniform_bits_on_small_instances():
+    (problem,) = make_instances(jax.random.key(5), 1, 2, w_t=0.5)
+    best, diag = exact.allocate_bits_search(problem)
+    assert float(pb.quant_budget_used(problem, best.bits)) <= float(problem.eps_q)
+    _, uniform = exact.allocate(problem, pb.smallest_bits(problem))
+    assert float(diag["objective"]) <= float(uniform["objective"]) * (1 + 1e-6)
+    # PGD's own bit choice is no better than the exhaustive search.
+    _, free = pgd.allocate(problem)
+    assert float(free["objective"]) >= float(diag["objective"]) * (1 - 1e-5)

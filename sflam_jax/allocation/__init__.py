@@ -4,7 +4,13 @@
 ``[S]`` array fixes them. Every solver returns ``(Allocation, diagnostics)``.
 """
 
-from sflam_jax.allocation import baselines, pgd
+from sflam_jax.allocation import baselines, bcd, pgd
 
-# Solvers that run inside a jitted round (pure JAX, fixed shapes).
-IN_GRAPH = {"pgd": pgd.allocate, "equal": baselines.equal, "max_power": baselines.max_power}
+# Solvers that run inside a jitted round (pure JAX, fixed shapes). ``exact`` (float64, the test
+# oracle) runs outside.
+IN_GRAPH = {
+    "pgd": pgd.allocate,
+    "bcd": bcd.allocate,
+    "equal": baselines.equal,
+    "max_power": baselines.max_power,
+}
