@@ -30,6 +30,7 @@ from sflam_jax.allocation.problem import (
     smallest_bits,
 )
 from sflam_jax.allocation.search import bisect
+from sflam_jax.wireless.channel import rate_bps
 
 _LN2 = 0.6931471805599453
 
@@ -43,9 +44,7 @@ def equal_finish_bandwidth(problem: Problem, power_w, bits) -> jax.Array:
     s = problem.num_devices
 
     def finish(beta):
-        up = beta * jnp.log1p(power_w * g / (beta * n0)) / _LN2
-        down = beta * jnp.log1p(p.server_power_w * g / (beta * n0)) / _LN2
-        return a + d / up + h / down
+        return a + d / rate_bps(beta, power_w, g, n0) + h / rate_bps(beta, p.server_power_w, g, n0)
 
     def needed(deadline):
         lo = jnp.full_like(g, total * 1e-9)

@@ -36,6 +36,7 @@ from sflam_jax.allocation.problem import (
     quant_budget_used,
 )
 from sflam_jax.allocation.search import bisect, golden_section
+from sflam_jax.wireless.channel import rate_bps
 
 _LN2 = np.log(2.0)
 
@@ -58,7 +59,7 @@ class _Devices:
         self.bw = p.bandwidth_hz
 
     def rate(self, beta, power):
-        return beta * jnp.log1p(power * self.g / (beta * self.n0)) / _LN2
+        return rate_bps(beta, power, self.g, self.n0)
 
     def uplink_time(self, beta, deadline):
         return deadline - self.a - self.h / self.rate(beta, self.p_srv)

@@ -34,6 +34,7 @@ from sflam_jax.allocation.problem import (
     smallest_bits,
 )
 from sflam_jax.allocation.search import golden_section
+from sflam_jax.wireless.channel import rate_bps
 
 _LN2 = 0.6931471805599453
 
@@ -72,7 +73,7 @@ class _Split:
         self.down_time = self.h / self.rate(problem.params.server_power_w)
 
     def rate(self, power):
-        return self.beta * jnp.log1p(power * self.g / (self.beta * self.n0)) / _LN2
+        return rate_bps(self.beta, power, self.g, self.n0)
 
     def fastest_deadline(self):
         """T_min: the slowest device's finish at full power."""

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sflam_jax import quant
-from sflam_jax.wireless.channel import Devices, SystemParams, rate_bps
+from sflam_jax.wireless.channel import Devices, SystemParams
 from sflam_jax.wireless.costs import Workload, sflam_round_costs
 
 
@@ -235,7 +235,3 @@ def feasible(
     ok_bits = jnp.all((bits >= wts.bits_min) & (bits <= wts.bits_max), axis=-1)
     ok_budget = quant_budget_used(problem, allocation.bits) <= problem.eps_q * (1 + rtol)
     return ok_power & ok_bw & (ok_bits & ok_budget if budget else True)
-
-
-def uplink_rate(problem: Problem, bandwidth_hz, power_w):
-    return rate_bps(bandwidth_hz, power_w, problem.devices.gain, problem.params.noise_w_per_hz)
