@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import time
 
@@ -24,7 +26,7 @@ from sflam_jax.data.partition import partition
 from sflam_jax.metrics import MetricWriter, atomic_write_text, read_jsonl, to_python
 from sflam_jax.models import split as split_lib
 from sflam_jax.models import vit
-from sflam_jax.wireless.costs import Workload
+from sflam_jax.wireless.costs import Workload, device_memory_bytes
 
 
 def build_model(config, dataset: Dataset):
@@ -63,6 +65,7 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         values_per_sample=float_model.values_per_sample,
         client_params=split_lib.num_params(params_c),
         batch_size=config.train.batch_size,
+        server_params=split_lib.num_params(params_s),
     )
     return RoundPlanner(
         method=config.allocation.method,
@@ -72,6 +75,37 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         fixed_bits=None if config.allocation.optimize_bits else config.quant.up_bits,
         pgd=PGDOptions(steps=config.allocation.pgd_steps),
     )
+
+
+def device_memory(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: dict) -> dict:
+    """Training memory on a device for SFLAM (client segment) and for FL (whole model), in MiB."""
+    batch = (
+        config.train.batch_size,
+        model_cfg.image_size,
+        model_cfg.image_size,
+        model_cfg.channels,
+    )
+    client = split_lib.split(model_cfg, config.model.cut_layer)
+    whole = split_lib.split(model_cfg, model_cfg.depth)
+    full_c, full_s = split_lib.split_params(
+        split_lib.merge_params(params_c, params_s), model_cfg.depth, model_cfg.depth
+    )
+    slots = 2 if config.optimizer.name in ("adam", "adamw") else int(config.optimizer.momentum > 0)
+    act_c = split_lib.activation_bytes(client.client_apply, params_c, batch)
+    act_fl = split_lib.activation_bytes(
+        lambda p, x, k: whole.server_apply(p[1], whole.client_apply(p[0], x)),
+        (full_c, full_s),
+        batch,
+    )
+    mib = 2.0**20
+    return {
+        "sflam_device_memory_mib": device_memory_bytes(split_lib.num_params(params_c), act_c, slots)
+        / mib,
+        "fl_device_memory_mib": device_memory_bytes(
+            split_lib.num_params(params_c) + split_lib.num_params(params_s), act_fl, slots
+        )
+        / mib,
+    }
 
 
 def initial_state(model_cfg: vit.ViTConfig, cut_layer: int, key: jax.Array) -> RoundState:
@@ -112,6 +146,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         chunk_size=config.train.chunk_size,
         planner=build_planner(config, model_cfg, initial.params_c, initial.params_s),
     )
+    system = {
+        **dataclasses.asdict(algorithm.planner.workload),
+        **device_memory(config, model_cfg, initial.params_c, initial.params_s),
+    }
+    atomic_write_text(os.path.join(workdir, "system.json"), json.dumps(system, indent=2))
     client_data = make_client_data(
         dataset.train_images, dataset.train_labels, parts, config.train.batch_size
     )

@@ -118,3 +118,30 @@ def test_chunked_clients_and_aqt_run(reference_run, tmp_path):
     cfg.num_rounds, cfg.train.chunk_size, cfg.aqt.enabled = 1, 2, True
     record = train.train_and_evaluate(cfg, str(tmp_path))
     assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
+
+
+def test_allocation_in_the_round(reference_run, tmp_path):
+    """pgd with free bits: budget met, integer bits, objective below equal bandwidth on the same
+    channel draws, and the simulated clock sums the rounds' latencies."""
+    cfg, workdir, _ = reference_run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.num_rounds, cfg.eval_every = 2, 0
+    cfg.allocation.method, cfg.allocation.optimize_bits = "pgd", True
+    cfg.allocation.pgd_steps = 300
+    train.train_and_evaluate(cfg, str(tmp_path))
+    pgd_records, equal_records = _metrics(tmp_path), _metrics(workdir)[:2]
+    for p, e in zip(pgd_records, equal_records, strict=True):
+        assert p["clients"] == e["clients"]
+        assert p["quant_error"] <= cfg.allocation.eps_q * (1 + 1e-6)
+        assert p["bits_min"] == int(p["bits_min"]) and p["bits_max"] <= cfg.allocation.bits_max
+        assert p["objective"] <= e["objective"] * (1 + 1e-6)
+        for key in ("round_latency_s", "fl_round_latency_s", "sl_round_energy_j"):
+            assert p[key] > 0
+    np.testing.assert_allclose(
+        pgd_records[1]["sim_time_s"],
+        pgd_records[0]["round_latency_s"] + pgd_records[1]["round_latency_s"],
+        rtol=1e-6,
+    )
+    with open(tmp_path / "system.json") as f:
+        system = json.load(f)
+    assert 0 < system["sflam_device_memory_mib"] < system["fl_device_memory_mib"]

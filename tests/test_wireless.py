@@ -130,3 +130,73 @@ def test_vectorised_over_scenarios():
         P,
     )
     np.testing.assert_allclose(out["round_energy_j"][3], single["round_energy_j"], rtol=1e-6)
+
+
+def test_fl_costs_by_hand():
+    work = costs.Workload(
+        client_flops=2e6,
+        server_flops=8e6,
+        values_per_sample=100,
+        client_params=1000,
+        batch_size=4,
+        server_params=9000,
+    )
+    out = costs.fl_round_costs(
+        _one_device(), jnp.array([5]), jnp.array([0.1]), jnp.array([1e6]), work, P
+    )
+    n0 = P.noise_w_per_hz
+    r_up = 1e6 * np.log2(1 + 0.1 * 1e-10 / (1e6 * n0))
+    r_dn = 1e6 * np.log2(1 + 1.0 * 1e-10 / (1e6 * n0))
+    cycles = 3 * 4 * 10e6 / 16
+    bits = 32 * 10000
+    np.testing.assert_allclose(
+        out["latency_s"], [5 * cycles / 1e9 + bits / r_up + bits / r_dn], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        out["energy_j"], [5 * 1e-28 * 1e18 * cycles + 0.1 * bits / r_up], rtol=1e-5
+    )
+
+
+def test_sl_serialises_devices_with_the_whole_band():
+    devices = channel.draw_devices(jax.random.key(3), 4, P)
+    steps, power, bits = jnp.full(4, 3.0), jnp.full(4, 0.2), jnp.full(4, 8.0)
+    sl = costs.sl_round_costs(devices, steps, power, bits, WORK, P)
+    np.testing.assert_allclose(sl["round_latency_s"], sl["latency_s"].sum(), rtol=1e-6)
+    # Device k alone: all of B and an unshared server.
+    single = costs.sflam_round_costs(
+        jax.tree.map(lambda x: x[:1], devices),
+        steps[:1],
+        power[:1],
+        jnp.array([P.bandwidth_hz]),
+        bits[:1],
+        WORK,
+        P,
+    )
+    np.testing.assert_allclose(sl["latency_s"][0], single["latency_s"][0], rtol=1e-6)
+    sfl = costs.sflam_round_costs(
+        devices, steps, power, jnp.full(4, P.bandwidth_hz / 4), bits, WORK, P
+    )
+    assert float(sl["round_latency_s"]) > float(sfl["round_latency_s"])
+
+
+def test_device_memory_of_the_split_is_below_fl():
+    from sflam_jax.models import split as split_lib
+    from sflam_jax.models import vit
+
+    cfg = vit.vit_config("mini", image_size=28, channels=1, num_classes=10)
+    params = vit.init_params(cfg, jax.random.key(0))
+    full = split_lib.split(cfg, cfg.depth)  # the whole encoder on the device
+    pc0, _ = split_lib.split_params(params, 0, cfg.depth)
+    pcd, psd = split_lib.split_params(params, cfg.depth, cfg.depth)
+    cut0 = split_lib.split(cfg, 0)
+    act_cut0 = split_lib.activation_bytes(cut0.client_apply, pc0, (32, 28, 28, 1))
+    act_full = split_lib.activation_bytes(
+        lambda p, x, k: full.server_apply(p[1], full.client_apply(p[0], x)),
+        (pcd, psd),
+        (32, 28, 28, 1),
+    )
+    assert 0 < act_cut0 < act_full
+    sflam_mem = costs.device_memory_bytes(split_lib.num_params(pc0), act_cut0)
+    fl_mem = costs.device_memory_bytes(split_lib.num_params(params), act_full)
+    assert sflam_mem < fl_mem
+    np.testing.assert_allclose(costs.device_memory_bytes(10, 0.0, optimizer_slots=2), 4 * 10 * 4)

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 from sflam_jax.allocation import IN_GRAPH
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.problem import Weights, evaluate, make_problem
+from sflam_jax.quant import FLOAT_BITS
 from sflam_jax.wireless.channel import SystemParams, draw_devices
-from sflam_jax.wireless.costs import Workload
+from sflam_jax.wireless.costs import Workload, fl_round_costs, sflam_round_costs, sl_round_costs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,4 +80,26 @@ class RoundPlanner:
             "bandwidth_min_hz": jnp.min(allocation.bandwidth_hz),
             "bandwidth_max_hz": jnp.max(allocation.bandwidth_hz),
         }
+        metrics.update(self.protocol_costs(devices, steps))
         return allocation.bits, metrics
+
+    def protocol_costs(self, devices, steps) -> dict[str, jax.Array]:
+        """T_round and E_round of SFL (32 bits), SL and FL for the same devices (SPEC section 3),
+        each at full power with the band split equally (SL: the whole band, one at a time)."""
+        s = steps.shape[0]
+        full = jnp.full((s,), self.params.p_max_w)
+        equal = jnp.full((s,), self.params.bandwidth_hz / s)
+        floats = jnp.full((s,), float(FLOAT_BITS))
+        down = self.weights.down_bits
+        runs = {
+            "sfl": sflam_round_costs(
+                devices, steps, full, equal, floats, self.workload, self.params, down
+            ),
+            "sl": sl_round_costs(devices, steps, full, floats, self.workload, self.params),
+            "fl": fl_round_costs(devices, steps, full, equal, self.workload, self.params),
+        }
+        out = {}
+        for name, c in runs.items():
+            out[f"{name}_round_latency_s"] = c["round_latency_s"]
+            out[f"{name}_round_energy_j"] = c["round_energy_j"]
+        return out

@@ -149,3 +149,18 @@ def segment_flops(
         flops(lambda p, x: model.client_apply(p, x, key), params_c, images),
         flops(lambda p, a: model.server_apply(p, a, key), params_s, smashed),
     )
+
+
+def activation_bytes(apply_fn, params: dict, input_shape, key=None) -> float:
+    """Bytes XLA keeps live (temporaries) to take one gradient of ``apply_fn`` on one batch.
+
+    ``input_shape`` includes the batch. Measured from the compiled program's memory analysis, so it
+    follows the model, the cut and the batch size.
+    """
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+
+    def loss(p, x):
+        return jnp.sum(apply_fn(p, x, key))
+
+    compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+    return float(compiled.memory_analysis().temp_size_in_bytes)

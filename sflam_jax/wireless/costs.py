@@ -21,6 +21,7 @@ class Workload:
       values_per_sample: Gamma, values of one sample's smashed data.
       client_params: |w_c|, parameters of the client segment (aggregation traffic).
       batch_size: B.
+      server_params: |w_s|, parameters of the server segment (FL moves |w_c| + |w_s|).
     """
 
     client_flops: float
@@ -28,6 +29,7 @@ class Workload:
     values_per_sample: int
     client_params: int
     batch_size: int
+    server_params: int = 0
 
 
 def sflam_round_costs(
@@ -39,6 +41,7 @@ def sflam_round_costs(
     workload: Workload,
     params: SystemParams,
     down_bits: jax.Array | int = FLOAT_BITS,
+    server_copies: int | None = None,
 ) -> dict[str, jax.Array]:
     """Per-device and per-round latency and energy of one SFLAM (SFL-V1) round, SPEC section 3.
 
@@ -57,6 +60,7 @@ def sflam_round_costs(
       workload: FLOPs and sizes of the split model.
       params: the system constants.
       down_bits: downlink gradient bits.
+      server_copies: server segments sharing F_server at once (default S; SL uses 1).
 
     Returns:
       ``latency_s``, ``compute_s``, ``comm_s``, ``energy_j``, ``compute_energy_j``,
@@ -64,7 +68,7 @@ def sflam_round_costs(
       ``round_energy_j`` (sum over devices).
     """
     n0 = params.noise_w_per_hz
-    s = devices.gain.shape[-1]
+    s = devices.gain.shape[-1] if server_copies is None else server_copies
     b = workload.batch_size
     steps = jnp.asarray(steps, jnp.float32)
     r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
@@ -95,3 +99,75 @@ def sflam_round_costs(
         "round_latency_s": jnp.max(latency, axis=-1),
         "round_energy_j": jnp.sum(energy, axis=-1),
     }
+
+
+def _totals(latency, compute_s, comm_s, energy, compute_energy, comm_energy, serial=False):
+    return {
+        "latency_s": latency,
+        "compute_s": compute_s,
+        "comm_s": comm_s,
+        "energy_j": energy,
+        "compute_energy_j": compute_energy,
+        "comm_energy_j": comm_energy,
+        "round_latency_s": jnp.sum(latency, -1) if serial else jnp.max(latency, -1),
+        "round_energy_j": jnp.sum(energy, axis=-1),
+    }
+
+
+def fl_round_costs(
+    devices: Devices,
+    steps: jax.Array,
+    power_w: jax.Array,
+    bandwidth_hz: jax.Array,
+    workload: Workload,
+    params: SystemParams,
+) -> dict[str, jax.Array]:
+    """FedAvg with the whole model on each device (SPEC section 3): local compute of both
+    segments, then ``32 (|w_c| + |w_s|)`` bits up and down once per round. Same keys as
+    ``sflam_round_costs``."""
+    n0 = params.noise_w_per_hz
+    steps = jnp.asarray(steps, jnp.float32)
+    flops = workload.client_flops + workload.server_flops
+    cycles = 3.0 * workload.batch_size * flops / params.flops_per_cycle
+    compute_s = steps * cycles / devices.cpu_hz
+    model_bits = FLOAT_BITS * (workload.client_params + workload.server_params)
+    r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
+    r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
+    comm_s = model_bits / r_up + model_bits / r_dn
+    compute_energy = steps * params.kappa * devices.cpu_hz**2 * cycles
+    comm_energy = power_w * model_bits / r_up
+    return _totals(
+        compute_s + comm_s,
+        compute_s,
+        comm_s,
+        compute_energy + comm_energy,
+        compute_energy,
+        comm_energy,
+    )
+
+
+def sl_round_costs(
+    devices: Devices,
+    steps: jax.Array,
+    power_w: jax.Array,
+    up_bits: jax.Array,
+    workload: Workload,
+    params: SystemParams,
+    down_bits: jax.Array | int = FLOAT_BITS,
+) -> dict[str, jax.Array]:
+    """Vanilla split learning: devices train one after another, each with the whole band and the
+    whole server, and hand the client segment on through the server (``32 |w_c|`` bits up and
+    down each). ``round_latency_s`` is the sum over devices."""
+    full_band = jnp.full_like(devices.gain, params.bandwidth_hz)
+    per_device = sflam_round_costs(
+        devices, steps, power_w, full_band, up_bits, workload, params, down_bits, server_copies=1
+    )
+    keys = ("latency_s", "compute_s", "comm_s", "energy_j", "compute_energy_j", "comm_energy_j")
+    return _totals(*(per_device[k] for k in keys), serial=True)
+
+
+def device_memory_bytes(params: int, activation_bytes: float, optimizer_slots: int = 1) -> float:
+    """Training memory on a device: float32 parameters, gradients and ``optimizer_slots`` optimizer
+    states per parameter (1 for SGD with momentum, 2 for Adam), plus the activations one batch
+    keeps for the backward pass (SPEC section 3)."""
+    return 4.0 * params * (2 + optimizer_slots) + activation_bytes
