@@ -27,6 +27,16 @@ BAD = [
     ("optimizer.learning_rate", -0.1, "optimizer.learning_rate=-0.1"),
     ("optimizer.momentum", 1.0, "optimizer.momentum=1.0"),
     ("checkpoint.every", 0, "checkpoint.every=0"),
+    ("wireless.bandwidth_hz", -1e6, "wireless.bandwidth_hz=-1000000.0"),
+    ("wireless.p_max_w", 0.0, "wireless.p_max_w=0.0"),
+    ("wireless.min_distance_m", 300.0, "wireless.min_distance_m=300.0"),
+    ("wireless.cpu_min_hz", 3e9, "wireless.cpu_min_hz=3000000000.0"),
+    ("allocation.method", "greedy", "allocation.method='greedy'"),
+    ("allocation.w_t", 0.0, "allocation.w_t=0.0"),
+    ("allocation.w_e", 0.6, "must equal 1"),
+    ("allocation.bits_min", 0, "allocation.bits_min=0"),
+    ("allocation.bits_max", 40, "allocation.bits_max=40"),
+    ("allocation.eps_q", 0.0, "allocation.eps_q=0.0"),
 ]
 
 
