@@ -87,21 +87,13 @@ def sflam_round_costs(
     comm_s = steps * (t_up + t_dn) + t_agg_up + t_agg_dn
     compute_energy = steps * params.kappa * devices.cpu_hz**2 * 3.0 * cycles_fwd
     comm_energy = power_w * (steps * t_up + t_agg_up)
+    return _totals(compute_s, comm_s, compute_energy, comm_energy)
+
+
+def _totals(compute_s, comm_s, compute_energy, comm_energy, serial=False):
+    """Per-device sums and the round's totals (max latency, or the sum when devices serialise)."""
     latency = compute_s + comm_s
     energy = compute_energy + comm_energy
-    return {
-        "latency_s": latency,
-        "compute_s": compute_s,
-        "comm_s": comm_s,
-        "energy_j": energy,
-        "compute_energy_j": compute_energy,
-        "comm_energy_j": comm_energy,
-        "round_latency_s": jnp.max(latency, axis=-1),
-        "round_energy_j": jnp.sum(energy, axis=-1),
-    }
-
-
-def _totals(latency, compute_s, comm_s, energy, compute_energy, comm_energy, serial=False):
     return {
         "latency_s": latency,
         "compute_s": compute_s,
@@ -136,14 +128,7 @@ def fl_round_costs(
     comm_s = model_bits / r_up + model_bits / r_dn
     compute_energy = steps * params.kappa * devices.cpu_hz**2 * cycles
     comm_energy = power_w * model_bits / r_up
-    return _totals(
-        compute_s + comm_s,
-        compute_s,
-        comm_s,
-        compute_energy + comm_energy,
-        compute_energy,
-        comm_energy,
-    )
+    return _totals(compute_s, comm_s, compute_energy, comm_energy)
 
 
 def sl_round_costs(
@@ -162,7 +147,7 @@ def sl_round_costs(
     per_device = sflam_round_costs(
         devices, steps, power_w, full_band, up_bits, workload, params, down_bits, server_copies=1
     )
-    keys = ("latency_s", "compute_s", "comm_s", "energy_j", "compute_energy_j", "comm_energy_j")
+    keys = ("compute_s", "comm_s", "compute_energy_j", "comm_energy_j")
     return _totals(*(per_device[k] for k in keys), serial=True)
 
 
