@@ -86,15 +86,12 @@ def device_memory(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         model_cfg.channels,
     )
     client = split_lib.split(model_cfg, config.model.cut_layer)
-    whole = split_lib.split(model_cfg, model_cfg.depth)
-    full_c, full_s = split_lib.split_params(
-        split_lib.merge_params(params_c, params_s), model_cfg.depth, model_cfg.depth
-    )
     slots = 2 if config.optimizer.name in ("adam", "adamw") else int(config.optimizer.momentum > 0)
     act_c = split_lib.activation_bytes(client.client_apply, params_c, batch)
+    # FL trains the unsplit model on the device.
     act_fl = split_lib.activation_bytes(
-        lambda p, x, k: whole.server_apply(p[1], whole.client_apply(p[0], x)),
-        (full_c, full_s),
+        lambda p, x, k: vit.ViT(model_cfg).apply({"params": p}, x),
+        split_lib.merge_params(params_c, params_s),
         batch,
     )
     mib = 2.0**20

@@ -28,36 +28,32 @@ import jax.numpy as jnp
 
 from sflam_jax.allocation.pgd import polish
 from sflam_jax.allocation.problem import (
+    LN2,
     Allocation,
+    Links,
     Problem,
     evaluate,
     feasible,
-    link_loads,
     smallest_bits,
 )
 from sflam_jax.allocation.search import bisect
-from sflam_jax.wireless.channel import rate_bps
-
-_LN2 = 0.6931471805599453
 
 
 def equal_finish_bandwidth(problem: Problem, power_w, bits) -> jax.Array:
     """Bandwidth split under which every device finishes at the same time with its power."""
-    loads = link_loads(problem, bits)
-    a, d, h = loads["compute_s"], loads["up_bits"], loads["down_bits"]
-    g, p = problem.devices.gain, problem.params
-    n0, total = p.noise_w_per_hz, p.bandwidth_hz
+    links = Links(problem, bits)
+    g, total = links.g, links.bw
     s = problem.num_devices
 
     def finish(beta):
-        return a + d / rate_bps(beta, power_w, g, n0) + h / rate_bps(beta, p.server_power_w, g, n0)
+        return links.finish(beta, power_w)
 
     def needed(deadline):
         lo = jnp.full_like(g, total * 1e-9)
         hi = jnp.full_like(g, total)
         return bisect(lambda b: finish(b) <= deadline, lo, hi, 50, log=True)
 
-    t_lo = jnp.max(a + (d / power_w + h / p.server_power_w) * n0 * _LN2 / g)
+    t_lo = jnp.max(links.a + (links.d / power_w + links.h / links.p_srv) * links.n0 * LN2 / g)
     t_hi = jnp.max(finish(jnp.full_like(g, total / s)))
     deadline = bisect(lambda t: jnp.sum(needed(t)) <= total, t_lo, t_hi, 60, log=False)
     beta = needed(deadline)

@@ -28,44 +28,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from sflam_jax.allocation.problem import (
+    LN2,
     Allocation,
+    Links,
     Problem,
     evaluate,
     feasible,
-    link_loads,
     quant_budget_used,
 )
 from sflam_jax.allocation.search import bisect, golden_section
-from sflam_jax.wireless.channel import rate_bps
-
-_LN2 = np.log(2.0)
 
 
-class _Devices:
-    """Per-device closed forms for fixed bits (float64 arrays ``[S]``)."""
+class _Devices(Links):
+    """The links in float64, with the bandwidth searches of the nested bisection."""
 
     def __init__(self, problem: Problem, bits):
-        loads = link_loads(problem, bits)
-        f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
-        self.a = f64(loads["compute_s"])
-        self.c = f64(loads["compute_j"])
-        self.d = f64(loads["up_bits"])
-        self.h = f64(loads["down_bits"])
-        self.g = f64(problem.devices.gain)
-        p = problem.params
-        self.n0 = p.noise_w_per_hz
-        self.p_max = p.p_max_w
-        self.p_srv = p.server_power_w
-        self.bw = p.bandwidth_hz
-
-    def rate(self, beta, power):
-        return rate_bps(beta, power, self.g, self.n0)
+        super().__init__(problem, bits, jnp.float64)
 
     def uplink_time(self, beta, deadline):
-        return deadline - self.a - self.h / self.rate(beta, self.p_srv)
+        return deadline - self.a - self.down_time(beta)
 
     def fastest_finish(self, beta):
-        return self.a + self.d / self.rate(beta, self.p_max) + self.h / self.rate(beta, self.p_srv)
+        return self.finish(beta, self.p_max)
 
     def beta_min(self, deadline):
         """Least bandwidth meeting ``deadline`` at full power (inf where even B cannot)."""
@@ -75,22 +59,20 @@ class _Devices:
         return jnp.where(self.fastest_finish(hi) <= deadline, beta, jnp.inf)
 
     def energy(self, beta, deadline):
-        v = self.uplink_time(beta, deadline) * beta
-        return self.n0 / self.g * v * jnp.expm1(_LN2 * self.d / v)
+        return self.transmit_energy(self.uplink_time(beta, deadline), beta)
 
     def power(self, beta, deadline):
-        t = self.uplink_time(beta, deadline)
-        return beta * self.n0 / self.g * jnp.expm1(_LN2 * self.d / (t * beta))
+        return self.transmit_power(self.uplink_time(beta, deadline), beta)
 
     def energy_slope(self, beta, deadline):
         """d e_k / d beta_k (negative), with the uplink time's own dependence on beta."""
         t = self.uplink_time(beta, deadline)
         s = self.p_srv * self.g / (beta * self.n0)
         r_dn = self.rate(beta, self.p_srv)
-        dr_dn = (jnp.log1p(s) - s / (1.0 + s)) / _LN2
+        dr_dn = (jnp.log1p(s) - s / (1.0 + s)) / LN2
         u = t + beta * self.h * dr_dn / r_dn**2
         x = self.d / (t * beta)
-        return self.n0 / self.g * u * (jnp.expm1(_LN2 * x) - x * _LN2 * jnp.exp(_LN2 * x))
+        return self.n0 / self.g * u * (jnp.expm1(LN2 * x) - x * LN2 * jnp.exp(LN2 * x))
 
     def bandwidth_at_price(self, price, beta_lo, deadline):
         """argmin_beta e_k(beta) + price * beta on ``[beta_lo, B]``."""
@@ -119,7 +101,7 @@ def _solve_fixed_bits(problem: Problem, bits):
 
     # The least feasible deadline: sum_k beta_min_k(T) <= B.
     t_eq = jnp.max(dev.fastest_finish(jnp.full_like(dev.g, dev.bw / s)))
-    t_floor = jnp.max(dev.a + (dev.d / dev.p_max + dev.h / dev.p_srv) * dev.n0 * _LN2 / dev.g)
+    t_floor = jnp.max(dev.a + (dev.d / dev.p_max + dev.h / dev.p_srv) * dev.n0 * LN2 / dev.g)
     t_min = bisect(lambda t: jnp.sum(dev.beta_min(t)) <= dev.bw, t_floor, t_eq, 60, log=False)
 
     def objective(deadline):

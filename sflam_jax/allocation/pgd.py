@@ -26,17 +26,14 @@ import optax
 
 from sflam_jax.allocation.problem import (
     Allocation,
+    Links,
     Problem,
     evaluate,
     feasible,
-    link_loads,
     quant_budget_used,
     smallest_bits,
 )
 from sflam_jax.allocation.search import golden_section
-from sflam_jax.wireless.channel import rate_bps
-
-_LN2 = 0.6931471805599453
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,36 +59,27 @@ class _Split:
     """Closed forms for a fixed bandwidth split and bits (``[S]`` arrays)."""
 
     def __init__(self, problem: Problem, bandwidth_hz, bits):
-        loads = link_loads(problem, bits)
         self.problem = problem
         self.beta = bandwidth_hz
-        self.a, self.c = loads["compute_s"], loads["compute_j"]
-        self.d, self.h = loads["up_bits"], loads["down_bits"]
-        self.g = problem.devices.gain
-        self.n0 = problem.params.noise_w_per_hz
-        self.p_max = problem.params.p_max_w
-        self.down_time = self.h / self.rate(problem.params.server_power_w)
+        self.links = Links(problem, bits)
+        # Fixed for the split; computed once, outside the deadline search.
+        self.down_time = self.links.down_time(bandwidth_hz)
 
-    def rate(self, power):
-        return rate_bps(self.beta, power, self.g, self.n0)
+    def uplink_time(self, deadline):
+        """Each device sends for all the time the deadline leaves it."""
+        return deadline - self.links.a - self.down_time
 
     def fastest_deadline(self):
         """T_min: the slowest device's finish at full power."""
-        return jnp.max(self.a + self.d / self.rate(self.p_max) + self.down_time)
-
-    def uplink_energy(self, deadline):
-        """Each device sends for all the time the deadline leaves: ``(N0/G) v (2^(D/v) - 1)``."""
-        v = (deadline - self.a - self.down_time) * self.beta
-        return self.n0 / self.g * v * jnp.expm1(_LN2 * self.d / v)
+        return jnp.max(self.links.finish(self.beta, self.links.p_max))
 
     def powers(self, deadline):
-        t = deadline - self.a - self.down_time
-        return jnp.minimum(
-            self.beta * self.n0 / self.g * jnp.expm1(_LN2 * self.d / (t * self.beta)), self.p_max
-        )
+        power = self.links.transmit_power(self.uplink_time(deadline), self.beta)
+        return jnp.minimum(power, self.links.p_max)
 
     def objective(self, deadline):
-        energy = jnp.sum(self.c + self.uplink_energy(deadline))
+        uplink = self.links.transmit_energy(self.uplink_time(deadline), self.beta)
+        energy = jnp.sum(self.links.c + uplink)
         pr = self.problem
         return pr.w_t * deadline / pr.t_ref + pr.w_e * energy / pr.e_ref
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sflam_jax import quant
-from sflam_jax.wireless.channel import Devices, SystemParams
+from sflam_jax.wireless.channel import Devices, SystemParams, rate_bps
 from sflam_jax.wireless.costs import Workload, sflam_round_costs
 
 
@@ -235,3 +235,48 @@ def feasible(
     ok_bits = jnp.all((bits >= wts.bits_min) & (bits <= wts.bits_max), axis=-1)
     ok_budget = quant_budget_used(problem, allocation.bits) <= problem.eps_q * (1 + rtol)
     return ok_power & ok_bw & (ok_bits & ok_budget if budget else True)
+
+
+LN2 = 0.6931471805599453
+
+
+class Links:
+    """Fixed-bits closed forms of every device's link, as functions of its bandwidth share.
+
+    Holds ``A_k, C_k, D_k, H_k`` (module docstring) and the gains as ``[S]`` arrays of ``dtype``
+    (float64 for the exact solver); the methods take bandwidth ``beta`` (and power or uplink
+    time) of the same shape.
+    """
+
+    def __init__(self, problem: Problem, bits, dtype=jnp.float32):
+        loads = link_loads(problem, bits)
+        cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+        self.a, self.c = cast(loads["compute_s"]), cast(loads["compute_j"])
+        self.d, self.h = cast(loads["up_bits"]), cast(loads["down_bits"])
+        self.g = cast(problem.devices.gain)
+        p = problem.params
+        self.n0, self.p_max, self.p_srv, self.bw = (
+            p.noise_w_per_hz,
+            p.p_max_w,
+            p.server_power_w,
+            p.bandwidth_hz,
+        )
+
+    def rate(self, beta, power):
+        return rate_bps(beta, power, self.g, self.n0)
+
+    def down_time(self, beta):
+        return self.h / self.rate(beta, self.p_srv)
+
+    def finish(self, beta, power):
+        """Round time ``A + D / r_up + H / r_dn`` at this bandwidth and uplink power."""
+        return self.a + self.d / self.rate(beta, power) + self.down_time(beta)
+
+    def transmit_energy(self, uplink_s, beta):
+        """Least energy to send D bits in time t: ``(N0/G) v (2^(D/v) - 1)``, ``v = t beta``."""
+        v = uplink_s * beta
+        return self.n0 / self.g * v * jnp.expm1(LN2 * self.d / v)
+
+    def transmit_power(self, uplink_s, beta):
+        """The power that sends ``D`` bits in exactly ``uplink_s``."""
+        return beta * self.n0 / self.g * jnp.expm1(LN2 * self.d / (uplink_s * beta))
