@@ -1,12 +1,37 @@
-"""Orbax checkpoints of the whole round state: restore the latest, else start afresh."""
+"""Orbax checkpoints of the whole round state: restore the latest good one, else start afresh.
+
+Each checkpoint holds two items: ``state`` (the ``RoundState``) and ``meta`` (the config that wrote
+it and a SHA-256 fingerprint of the state's bytes). On restore the newest checkpoint whose meta
+reads, whose config matches and whose state restores to the same fingerprint wins; an unreadable or
+altered one is moved to ``<run>/corrupt_checkpoints/`` with a warning and the previous one is tried.
+A checkpoint written by another config stops the run (``CheckpointMismatchError``).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import time
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from sflam_jax.algorithms.base import RoundState
+from sflam_jax.config import config_differences
+from sflam_jax.errors import CheckpointMismatchError
+
+
+def fingerprint(state) -> str:
+    """SHA-256 over every leaf's dtype, shape and bytes, in tree order."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(state)):
+        array = np.ascontiguousarray(leaf)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 class Checkpointer:
@@ -14,29 +39,95 @@ class Checkpointer:
 
     Orbax writes each step into a temporary directory and renames it when complete, so a run
     killed mid-write leaves the previous checkpoint as the latest.
+
+    Args:
+      directory: where the step directories go.
+      every: rounds between checkpoints.
+      max_to_keep: newest checkpoints kept (2 or more leave a fallback if the newest is damaged).
+      config: the run's flattened config (``config.flatten``), stored with every checkpoint and
+        compared on restore.
     """
 
-    def __init__(self, directory: str, every: int, max_to_keep: int):
+    def __init__(self, directory: str, every: int, max_to_keep: int, config: dict):
+        self.directory = os.path.abspath(directory)
         self.every = every
-        self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        self._max_to_keep = max_to_keep
+        self._config = config
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True),
         )
 
     def latest_round(self) -> int | None:
         return self._manager.latest_step()
 
     def restore_or_init(self, initial: RoundState) -> RoundState:
-        """The latest saved state, or ``initial`` when there is none."""
-        step = self._manager.latest_step()
-        if step is None:
-            return initial
-        return self._manager.restore(step, args=ocp.args.StandardRestore(initial))
+        """The newest good saved state, or ``initial`` when there is none.
+
+        Raises:
+          CheckpointMismatchError: the newest readable checkpoint was written by another config.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                ).meta
+                saved_config, saved_print = meta["config"], meta["fingerprint"]
+            except Exception as e:  # noqa: BLE001 (any read failure means a damaged checkpoint)
+                self._quarantine(step, f"its metadata does not read ({type(e).__name__}: {e})")
+                continue
+            differences = config_differences(saved_config, self._config)
+            if differences:
+                raise CheckpointMismatchError(
+                    f"the checkpoint of round {step} in {self.directory} was written by a "
+                    f"different config: {'; '.join(differences)}. Resume with the config it was "
+                    "written with, use another --workdir, or pass --fresh to delete this run's "
+                    "checkpoints and metrics and start again."
+                )
+            try:
+                state = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(initial))
+                ).state
+            except Exception as e:  # noqa: BLE001
+                self._quarantine(step, f"its state does not read ({type(e).__name__}: {e})")
+                continue
+            if fingerprint(state) != saved_print:
+                self._quarantine(step, "its state differs from the fingerprint saved with it")
+                continue
+            return state
+        return initial
+
+    def _quarantine(self, step: int, why: str) -> None:
+        """Moves a damaged step out of the manager's directory and reopens the manager."""
+        target = os.path.join(
+            os.path.dirname(self.directory), "corrupt_checkpoints", f"{step}-{time.time_ns()}"
+        )
+        logging.warning(
+            "checkpoint of round %d in %s is damaged: %s; moved to %s, trying the previous one",
+            step,
+            self.directory,
+            why,
+            target,
+        )
+        self._manager.close()
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        self._manager = self._open()
 
     def maybe_save(self, state: RoundState, force: bool = False) -> None:
         step = int(state.round)
         if force or step % self.every == 0:
-            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            meta = {"config": self._config, "fingerprint": fingerprint(state)}
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -1,17 +1,39 @@
 """The common experiment config and its validation.
 
 Every file in configs/ starts from ``base_config()`` and overrides a few fields. ``validate`` runs
-once at start-up and raises ``ValueError`` naming the field, the value and what is allowed.
+once at start-up and raises ``ConfigError`` (a ``ValueError``) naming the field, the value and what
+is allowed; fields that ``base_config`` does not have are rejected with the nearest known name.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+
 import ml_collections
 
 from sflam_jax.data.datasets import DEBIAN_FASHION_MNIST
+from sflam_jax.errors import ConfigError
 from sflam_jax.models.vit import PRESETS
 
 ALGORITHMS = ("sflam",)
+
+# Fields a resumed run may change: they steer the run (length, logging, checkpoint cadence, where
+# the files are) but not the numbers of a round. Every other field must match the checkpoint.
+RUN_CONTROL_FIELDS = frozenset(
+    {
+        "num_rounds",
+        "eval_every",
+        "data.idx_dir",
+        "data.data_dir",
+        "data.download",
+        "train.eval_batch_size",
+        "checkpoint.every",
+        "checkpoint.max_to_keep",
+        "metrics.tensorboard",
+        "metrics.progress",
+    }
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -103,7 +125,53 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _fail(field: str, value, allowed: str):
-    raise ValueError(f"{field}={value!r} is invalid: {allowed}")
+    raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def flatten(cfg) -> dict:
+    """``{"train.batch_size": 32, ...}``: every leaf field of a config by its dotted name."""
+    flat = {}
+    for name, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict | dict):
+            flat.update({f"{name}.{k}": v for k, v in flatten(value).items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def to_record(cfg) -> dict:
+    """The flattened config as plain JSON values (tuples become lists), as checkpoints store it."""
+    return json.loads(json.dumps(flatten(cfg)))
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``"field is A there and B here"`` for each field outside ``RUN_CONTROL_FIELDS`` that differs
+    between two ``to_record`` dicts (a field missing on one side counts as different)."""
+    missing = object()
+    out = []
+    for field in sorted(set(saved) | set(current)):
+        a, b = saved.get(field, missing), current.get(field, missing)
+        if field not in RUN_CONTROL_FIELDS and a != b:
+            show = lambda v: "absent" if v is missing else repr(v)  # noqa: E731
+            out.append(f"{field} is {show(a)} there and {show(b)} here")
+    return out
+
+
+def check_known_fields(cfg: ml_collections.ConfigDict) -> None:
+    """Rejects fields that ``base_config`` lacks (a typo would otherwise be silently ignored)."""
+    known = flatten(base_config())
+    for field in flatten(cfg):
+        if field not in known:
+            close = difflib.get_close_matches(field, list(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{field!r} is not a config field{hint}")
+    for field in known:
+        try:
+            _get(cfg, field)
+        except (KeyError, AttributeError):
+            raise ConfigError(
+                f"the config has no field {field!r}; start from base_config()"
+            ) from None
 
 
 def _int_in(cfg, field: str, lo: int, hi: int | None = None) -> None:
@@ -137,8 +205,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     """Checks every field's type and range and the cross-field rules.
 
     Raises:
-      ValueError: the first bad field, with its value and the allowed range.
+      ConfigError: the first bad field, with its value and the allowed range.
     """
+    check_known_fields(cfg)
     _int_in(cfg, "seed", 0)
     _choice(cfg, "algorithm", ALGORITHMS)
     _int_in(cfg, "num_rounds", 1)
@@ -147,7 +216,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _int_in(cfg, "data.num_clients", 1)
     _choice(cfg, "data.partition", ("dirichlet", "iid"))
     _positive(cfg, "data.alpha")
-    _int_in(cfg, "data.min_client_samples", 1)
+    _int_in(cfg, "data.min_client_samples", 0)
     _int_in(cfg, "data.image_size", 0)
     if len(cfg.data.mean) != len(cfg.data.std):
         _fail("data.std", cfg.data.std, f"needs as many entries as data.mean={cfg.data.mean}")
@@ -217,7 +286,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     try:
         allocation_weights(cfg)
     except ValueError as e:
-        raise ValueError(str(e)) from None
+        raise ConfigError(str(e)) from None
     _int_in(cfg, "checkpoint.every", 1)
     _int_in(cfg, "checkpoint.max_to_keep", 1)
 
@@ -260,4 +329,18 @@ def validate_data(cfg: ml_collections.ConfigDict, image_shape, train_size: int) 
             cfg.data.num_clients,
             f"times data.min_client_samples={cfg.data.min_client_samples} exceeds the "
             f"{train_size} training samples",
+        )
+
+
+def validate_partition(cfg: ml_collections.ConfigDict, client_sizes) -> None:
+    """The rules that need the partition: a batch must fit in the largest client's data."""
+    largest = max(int(n) for n in client_sizes)
+    if largest == 0:
+        _fail("data.num_clients", cfg.data.num_clients, "leaves every client without samples")
+    if cfg.train.batch_size > largest:
+        _fail(
+            "train.batch_size",
+            cfg.train.batch_size,
+            f"exceeds the largest client's {largest} samples (every batch would be padded); "
+            "use a smaller batch or fewer clients",
         )

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -14,12 +15,26 @@ import ml_collections
 from tqdm.auto import tqdm
 
 from sflam_jax import quant
-from sflam_jax.algorithms.base import Preprocess, RoundState, make_evaluate, make_optimizer
+from sflam_jax.algorithms.base import (
+    HEALTH,
+    Preprocess,
+    RoundState,
+    check_health,
+    make_evaluate,
+    make_optimizer,
+)
 from sflam_jax.algorithms.sflam import SFLAM
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.planner import RoundPlanner
 from sflam_jax.checkpoint import Checkpointer
-from sflam_jax.config import allocation_weights, system_params, validate, validate_data
+from sflam_jax.config import (
+    allocation_weights,
+    system_params,
+    to_record,
+    validate,
+    validate_data,
+    validate_partition,
+)
 from sflam_jax.data.batches import make_client_data
 from sflam_jax.data.datasets import Dataset, load_dataset
 from sflam_jax.data.partition import partition
@@ -112,19 +127,60 @@ def initial_state(model_cfg: vit.ViTConfig, cut_layer: int, key: jax.Array) -> R
     return RoundState.create(params_c, params_s)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+# What a run writes into its workdir; ``fresh=True`` deletes these before starting.
+RUN_OUTPUTS = (
+    "checkpoints",
+    "corrupt_checkpoints",
+    "metrics.jsonl",
+    "timing.jsonl",
+    "tensorboard",
+    "config.json",
+    "system.json",
+)
+
+
+def discard_outputs(workdir: str) -> None:
+    """Deletes a run's checkpoints and metrics (``--fresh``); other files are left alone."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def evaluate_state(evaluate, state: RoundState, images, labels) -> dict:
+    """Test loss and accuracy of the global model, as host values."""
+    return jax.device_get(evaluate(state.params_c, state.params_s, images, labels))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, fresh: bool = False
+) -> dict:
     """Runs (or resumes) the experiment of ``config`` in ``workdir``.
 
     Writes ``workdir/metrics.jsonl`` (one record per round), ``timing.jsonl``, ``config.json`` and
     orbax checkpoints under ``workdir/checkpoints``. Returns the last round's record.
+
+    Args:
+      config: the experiment (validated here).
+      workdir: the run directory; a run already there is resumed from its newest good checkpoint.
+      fresh: delete the run's checkpoints and metrics first instead of resuming.
+
+    Raises:
+      ConfigError: a bad config field (named in the message).
+      CheckpointMismatchError: ``workdir`` holds checkpoints of another config.
+      NonFiniteError: a round produced a non-finite loss or parameter (round and client named).
     """
     validate(config)
+    if fresh:
+        discard_outputs(workdir)
     os.makedirs(workdir, exist_ok=True)
-    atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
     dataset = load_dataset(config.data)
     validate_data(config, dataset.image_shape, len(dataset.train_labels))
     parts = partition(dataset.train_labels, config.data, config.seed)
+    validate_partition(config, [len(p) for p in parts])
 
     model_cfg, model = build_model(config, dataset)
     preprocess = Preprocess(
@@ -147,7 +203,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         **dataclasses.asdict(algorithm.planner.workload),
         **device_memory(config, model_cfg, initial.params_c, initial.params_s),
     }
-    atomic_write_text(os.path.join(workdir, "system.json"), json.dumps(system, indent=2))
     client_data = make_client_data(
         dataset.train_images, dataset.train_labels, parts, config.train.batch_size
     )
@@ -155,10 +210,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     test_labels = jnp.asarray(dataset.test_labels)
 
     checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.max_to_keep
+        os.path.join(workdir, "checkpoints"),
+        config.checkpoint.every,
+        config.checkpoint.max_to_keep,
+        to_record(config),
     )
-    state = checkpointer.restore_or_init(initial)
+    try:
+        state = checkpointer.restore_or_init(initial)
+    except BaseException:
+        checkpointer.close()
+        raise
     start = int(state.round)
+    # Written once the checkpoints are known to belong to this config.
+    atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    atomic_write_text(os.path.join(workdir, "system.json"), json.dumps(system, indent=2))
     writer = MetricWriter(workdir, start, config.metrics.tensorboard)
 
     round_fn = jax.jit(
@@ -183,13 +248,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t0 = time.perf_counter()
             state, metrics = round_fn(state, client_data, jax.random.fold_in(run_key, r))
             metrics = jax.device_get(metrics)
+            # Stops before anything of this round is written; the last checkpoint stays good.
+            check_health(metrics.pop(HEALTH), metrics["clients"], r + 1)
             t1 = time.perf_counter()
             record = {"round": r + 1, **metrics}
             done = r + 1 == config.num_rounds
             if done or (config.eval_every and (r + 1) % config.eval_every == 0):
-                last_eval = jax.device_get(
-                    evaluate(state.params_c, state.params_s, test_images, test_labels)
-                )
+                last_eval = evaluate_state(evaluate, state, test_images, test_labels)
                 record.update(last_eval)
             t2 = time.perf_counter()
             writer.write(

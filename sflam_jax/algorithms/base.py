@@ -9,9 +9,11 @@ from typing import Protocol
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sflam_jax.data.batches import ClientData
+from sflam_jax.errors import NonFiniteError
 from sflam_jax.models.split import SplitModel
 
 
@@ -103,6 +105,47 @@ def masked_cross_entropy(
     total = jnp.sum(ce * m)
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) * m)
     return total / jnp.maximum(jnp.sum(m), 1.0), total, correct
+
+
+# Metrics key of the per-client finite flags a round returns for the trainer's guard.
+HEALTH = "health"
+_HEALTH_PARTS = ("loss", "client segment", "server copy")
+
+
+def finite_per_client(trees) -> jax.Array:
+    """``[C]`` bool: whether every value of client c's slice of the stacked ``trees`` is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(trees)
+    ]
+    return jnp.all(jnp.stack(leaves), axis=0)
+
+
+def check_health(health, clients, round_index: int) -> None:
+    """Raises ``NonFiniteError`` naming the round and the first client with a non-finite value.
+
+    Args:
+      health: ``[3, S]`` bool from a round's metrics: finite loss, finite client segment (or whole
+        model for FL), finite server copy (the shared server segment for SFL-V2 and SL).
+      clients: ``[S]`` the sampled client ids.
+      round_index: the round's number (1-based, as in metrics.jsonl).
+    """
+    health, clients = np.asarray(health, bool), np.asarray(clients)
+    bad = np.flatnonzero(~health.all(axis=0))
+    if not len(bad):
+        return
+    first = bad[0]
+    parts = [name for name, ok in zip(_HEALTH_PARTS, health[:, first], strict=True) if not ok]
+    if parts == ["server copy"]:
+        where = f"the server (its segment for client {int(clients[first])})"
+    else:
+        where = f"client {int(clients[first])}"
+    others = ", ".join(str(int(c)) for c in clients[bad[1:]])
+    raise NonFiniteError(
+        f"round {round_index}: {where} produced a non-finite {' and '.join(parts)}"
+        + (f" (also clients {others})" if others else "")
+        + "; the round was not saved. Lower optimizer.learning_rate or raise the quantization "
+        "bits, then resume from the last good checkpoint."
+    )
 
 
 def weighted_sum(trees, weights: jax.Array):

@@ -26,8 +26,10 @@ import optax
 
 from sflam_jax import quant
 from sflam_jax.algorithms.base import (
+    HEALTH,
     Preprocess,
     RoundState,
+    finite_per_client,
     masked_cross_entropy,
     sample_clients,
     weighted_sum,
@@ -196,7 +198,8 @@ class SFLAM:
 
         Returns:
           ``(new_state, metrics)`` with metrics ``train_loss``, ``train_accuracy`` (over all local
-          samples of the round), ``samples``, ``clients`` (the sampled ids ``[S]``) and, with a
+          samples of the round; NaN when there were none), ``samples``, ``clients`` (the sampled
+          ids ``[S]``), ``HEALTH`` (``[3, S]`` finite flags, see ``base.check_health``) and, with a
           planner, its metrics plus the running ``sim_time_s`` and ``sim_energy_j``.
         """
         plan, system = self.round_plan(data, key, up_bits)
@@ -209,18 +212,27 @@ class SFLAM:
             acc_c, acc_s, acc_stats = acc
             acc_c = jax.tree.map(jnp.add, acc_c, weighted_sum(params_c, w))
             acc_s = jax.tree.map(jnp.add, acc_s, weighted_sum(params_s, w))
-            return (acc_c, acc_s, acc_stats + jnp.sum(stats, axis=0)), None
+            health = jnp.stack(
+                [
+                    jnp.isfinite(stats[:, 0]),
+                    finite_per_client(params_c),
+                    finite_per_client(params_s),
+                ]
+            )
+            return (acc_c, acc_s, acc_stats + jnp.sum(stats, axis=0)), health
 
         zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
         init = (zeros(state.params_c), zeros(state.params_s), jnp.zeros((3,), jnp.float32))
-        (sum_c, sum_s, stats), _ = jax.lax.scan(chunk_body, init, plan)
+        (sum_c, sum_s, stats), health = jax.lax.scan(chunk_body, init, plan)
         weight = jnp.sum(plan["counts"]).astype(jnp.float32)
+        # A round whose sampled clients hold no samples leaves the global model as it was.
+        average = lambda total, old: jnp.where(weight > 0, total / weight, old)  # noqa: E731
         sim_time = state.sim_time_s + system.get("round_latency_s", 0.0)
         sim_energy = state.sim_energy_j + system.get("round_energy_j", 0.0)
         new_state = RoundState(
             round=state.round + 1,
-            params_c=jax.tree.map(lambda x: x / weight, sum_c),
-            params_s=jax.tree.map(lambda x: x / weight, sum_s),
+            params_c=jax.tree.map(average, sum_c, state.params_c),
+            params_s=jax.tree.map(average, sum_s, state.params_s),
             sim_time_s=sim_time,
             sim_energy_j=sim_energy,
         )
@@ -229,6 +241,8 @@ class SFLAM:
             "train_accuracy": stats[1] / stats[2],
             "samples": stats[2],
             "clients": plan["clients"].reshape(-1)[: self.clients_per_round],
+            # [3, S]: finite loss, client segment and server copy of each sampled client.
+            HEALTH: jnp.moveaxis(health, 1, 0).reshape(3, -1)[:, : self.clients_per_round],
             **system,
         }
         if system:
