@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
 
 
 def write_idx(path: str, array: np.ndarray, compress: bool = True) -> None:
@@ -52,12 +53,51 @@ def tfds_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.fixture
-def tiny_config(idx_dir, tfds_dir):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+def _tiny(idx_dir, tfds_dir):
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
     import tiny
 
     cfg = tiny.get_config()
     cfg.data.idx_dir = idx_dir
     cfg.data.data_dir = tfds_dir
     return cfg
+
+
+@pytest.fixture
+def tiny_config(idx_dir, tfds_dir):
+    return _tiny(idx_dir, tfds_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, idx_dir, tfds_dir):
+    """An uninterrupted 4-round run of the tiny config: ``(config, workdir, last record)``."""
+    from sflam_jax import train
+
+    cfg = _tiny(idx_dir, tfds_dir)
+    cfg.num_rounds = 4
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    final = train.train_and_evaluate(cfg, workdir)
+    return cfg, workdir, final
+
+
+def read_metrics(workdir) -> list[dict]:
+    from sflam_jax.metrics import read_jsonl
+
+    return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+def cli_command(workdir, idx_dir, tfds_dir, *overrides, runner=("-m", "sflam_jax.main")):
+    """The CLI command of the reference run (tiny config, 4 rounds) in ``workdir``."""
+    return [
+        sys.executable,
+        *runner,
+        f"--config={ROOT}/configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.num_rounds=4",
+        f"--config.data.idx_dir={idx_dir}",
+        f"--config.data.data_dir={tfds_dir}",
+        *overrides,
+    ]
+
+
+CLI_ENV = {**os.environ, "PYTHONPATH": ROOT}

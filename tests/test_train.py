@@ -2,33 +2,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
-import pytest
+from conftest import CLI_ENV, cli_command
+from conftest import read_metrics as _metrics
 
 from sflam_jax import train
 from sflam_jax.metrics import read_jsonl
-
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-
-
-def _metrics(workdir):
-    return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, idx_dir, tfds_dir):
-    """An uninterrupted 4-round run of the tiny config (other tests compare against it)."""
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import tiny
-
-    cfg = tiny.get_config()
-    cfg.data.idx_dir, cfg.data.data_dir, cfg.num_rounds = idx_dir, tfds_dir, 4
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    final = train.train_and_evaluate(cfg, workdir)
-    return cfg, workdir, final
 
 
 def test_run_writes_metrics_checkpoints_and_learns(reference_run):
@@ -81,17 +62,8 @@ def test_resume_continues_to_the_same_result(reference_run, tmp_path):
 
 def test_killed_cli_run_resumes_with_the_same_metrics(reference_run, tmp_path, idx_dir, tfds_dir):
     _, workdir, _ = reference_run
-    command = [
-        sys.executable,
-        "-m",
-        "sflam_jax.main",
-        f"--config={ROOT}/configs/tiny.py",
-        f"--workdir={tmp_path}",
-        "--config.num_rounds=4",
-        f"--config.data.idx_dir={idx_dir}",
-        f"--config.data.data_dir={tfds_dir}",
-    ]
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    command = cli_command(tmp_path, idx_dir, tfds_dir)
+    env = CLI_ENV
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while len(_metrics(tmp_path)) < 2 and proc.poll() is None and time.time() < deadline:
