@@ -59,7 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.std = (0.5,)
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "mini"  # one of models.vit.PRESETS
+    c.model.preset = "mini"  # one of models.vit.PRESETS (ignored with model.pretrained)
+    # Hugging Face ViT checkpoint (hub id or local directory); "" = random init from the preset.
+    # Its architecture, image size and normalisation replace preset, patch_size and data.mean/std.
+    c.model.pretrained = ""
     c.model.patch_size = 0  # 0 = the preset's
     c.model.cut_layer = 0  # blocks on the device; 0 = embedding only (the paper's code)
     c.model.layer_norm_eps = 1e-6
@@ -224,7 +227,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _fail("data.std", cfg.data.std, "every entry must be > 0")
     _choice(cfg, "model.preset", tuple(PRESETS))
     _int_in(cfg, "model.patch_size", 0)
-    depth = PRESETS[cfg.model.preset][1]
+    # A checkpoint's depth is known once it is read (train.build_model checks it there).
+    depth = None if cfg.model.pretrained else PRESETS[cfg.model.preset][1]
     _int_in(cfg, "model.cut_layer", 0, depth)
     _positive(cfg, "model.layer_norm_eps")
     for side in ("fwd_bits", "bwd_bits"):
@@ -321,7 +325,7 @@ def validate_data(cfg: ml_collections.ConfigDict, image_shape, train_size: int) 
         _fail("data.mean", cfg.data.mean, f"needs 1 or {channels} entries (the data's channels)")
     size = cfg.data.image_size or image_shape[0]
     patch = cfg.model.patch_size or PRESETS[cfg.model.preset][4]
-    if size % patch:
+    if not cfg.model.pretrained and size % patch:
         _fail("model.patch_size", patch, f"must divide the image size {size}")
     if cfg.data.num_clients * cfg.data.min_client_samples > train_size:
         _fail(

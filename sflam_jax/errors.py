@@ -17,3 +17,11 @@ class CheckpointMismatchError(SflamError):
 
 class NonFiniteError(SflamError, FloatingPointError):
     """A round produced a non-finite loss or parameter; the message names the round and client."""
+
+
+class DataError(SflamError, ValueError):
+    """A data file or dataset is missing, unreadable or inconsistent; the message names it."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file or directory the config points to does not exist."""

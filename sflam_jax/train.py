@@ -38,23 +38,39 @@ from sflam_jax.config import (
 from sflam_jax.data.batches import make_client_data
 from sflam_jax.data.datasets import Dataset, load_dataset
 from sflam_jax.data.partition import partition
+from sflam_jax.errors import ConfigError
 from sflam_jax.metrics import MetricWriter, atomic_write_text, read_jsonl, to_python
+from sflam_jax.models import pretrained, vit
 from sflam_jax.models import split as split_lib
-from sflam_jax.models import vit
 from sflam_jax.wireless.costs import Workload, device_memory_bytes
 
 
-def build_model(config, dataset: Dataset):
-    """The ViT architecture for this data and its split with the configured AQT matmuls."""
+def build_model(config, dataset: Dataset, key: jax.Array):
+    """The ViT for this data, its split with the configured AQT matmuls, its initial parameters
+    (random, or ``model.pretrained`` adapted to the data) and the input preprocessing."""
     image_size = config.data.image_size or dataset.image_shape[0]
-    model_cfg = vit.vit_config(
-        config.model.preset,
-        image_size=image_size,
-        channels=dataset.image_shape[-1],
-        num_classes=dataset.num_classes,
-        patch_size=config.model.patch_size or None,
-        layer_norm_eps=config.model.layer_norm_eps,
-    )
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    if config.model.pretrained:
+        checkpoint = pretrained.load(config.model.pretrained)
+        image_size = config.data.image_size or checkpoint.config.image_size
+        model_cfg, params = pretrained.adapt(checkpoint, image_size, dataset.num_classes)
+        if config.model.cut_layer > model_cfg.depth:
+            raise ConfigError(
+                f"model.cut_layer={config.model.cut_layer} is invalid: the checkpoint "
+                f"{config.model.pretrained!r} has {model_cfg.depth} blocks"
+            )
+        # The checkpoint's own normalisation, as its image processor would apply it.
+        mean, std = checkpoint.image_mean, checkpoint.image_std
+    else:
+        model_cfg = vit.vit_config(
+            config.model.preset,
+            image_size=image_size,
+            channels=dataset.image_shape[-1],
+            num_classes=dataset.num_classes,
+            patch_size=config.model.patch_size or None,
+            layer_norm_eps=config.model.layer_norm_eps,
+        )
+        params = vit.init_params(model_cfg, key)
     dg = None
     if config.aqt.enabled:
         dg = quant.aqt_dot_general_cls(config.aqt.fwd_bits or None, config.aqt.bwd_bits or None)
@@ -64,7 +80,10 @@ def build_model(config, dataset: Dataset):
         client_dot_general_cls=dg if config.aqt.client else None,
         server_dot_general_cls=dg if config.aqt.server else None,
     )
-    return model_cfg, model
+    preprocess = Preprocess(
+        mean=mean, std=std, image_size=model_cfg.image_size, channels=model_cfg.channels
+    )
+    return model_cfg, model, params, preprocess
 
 
 def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: dict):
@@ -120,10 +139,8 @@ def device_memory(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
     }
 
 
-def initial_state(model_cfg: vit.ViTConfig, cut_layer: int, key: jax.Array) -> RoundState:
-    params_c, params_s = split_lib.split_params(
-        vit.init_params(model_cfg, key), cut_layer, model_cfg.depth
-    )
+def initial_state(model_cfg: vit.ViTConfig, cut_layer: int, params: dict) -> RoundState:
+    params_c, params_s = split_lib.split_params(params, cut_layer, model_cfg.depth)
     return RoundState.create(params_c, params_s)
 
 
@@ -182,12 +199,9 @@ def train_and_evaluate(
     parts = partition(dataset.train_labels, config.data, config.seed)
     validate_partition(config, [len(p) for p in parts])
 
-    model_cfg, model = build_model(config, dataset)
-    preprocess = Preprocess(
-        mean=tuple(config.data.mean), std=tuple(config.data.std), image_size=model_cfg.image_size
-    )
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
-    initial = initial_state(model_cfg, config.model.cut_layer, init_key)
+    model_cfg, model, params, preprocess = build_model(config, dataset, init_key)
+    initial = initial_state(model_cfg, config.model.cut_layer, params)
     algorithm = SFLAM(
         model=model,
         optimizer=make_optimizer(config.optimizer),

@@ -37,6 +37,17 @@ BAD = [
     ("allocation.bits_min", 0, "allocation.bits_min=0"),
     ("allocation.bits_max", 40, "allocation.bits_max=40"),
     ("allocation.eps_q", 0.0, "allocation.eps_q=0.0"),
+    ("data.min_client_samples", -1, "data.min_client_samples=-1"),
+    ("data.image_size", -28, "data.image_size=-28"),
+    ("model.patch_size", -4, "model.patch_size=-4"),
+    ("model.layer_norm_eps", 0.0, "model.layer_norm_eps=0.0"),
+    ("eval_every", -1, "eval_every=-1"),
+    ("train.eval_batch_size", 0, "train.eval_batch_size=0"),
+    ("optimizer.weight_decay", -1e-4, "optimizer.weight_decay=-0.0001"),
+    ("wireless.shadowing_std_db", -2.0, "wireless.shadowing_std_db=-2.0"),
+    ("wireless.kappa", 0.0, "wireless.kappa=0.0"),
+    ("allocation.pgd_steps", 0, "allocation.pgd_steps=0"),
+    ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0"),
 ]
 
 
@@ -55,6 +66,47 @@ def test_bad_field_is_named(field, value, message):
         node[leaf] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_lib.validate(cfg)
+
+
+def test_at_least_25_bad_configs_are_covered():
+    assert len(BAD) >= 25
+
+
+@pytest.mark.parametrize(
+    ("section", "leaf", "message"),
+    [
+        ("train", "lr", r"'train.lr' is not a config field"),
+        (
+            "train",
+            "btach_size",
+            r"'train.btach_size' is not a config field; did you mean "
+            r"'train.batch_size'\?",
+        ),
+        ("optimizer", "learning_rte", r"did you mean 'optimizer.learning_rate'\?"),
+        (None, "num_round", r"did you mean 'num_rounds'\?"),
+    ],
+)
+def test_unknown_fields_are_rejected_with_the_nearest_name(section, leaf, message):
+    cfg = config_lib.base_config()
+    (cfg if section is None else cfg[section])[leaf] = 1
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(cfg)
+
+
+def test_missing_field_is_named():
+    cfg = config_lib.base_config()
+    del cfg.train["chunk_size"]
+    with pytest.raises(ValueError, match="no field 'train.chunk_size'"):
+        config_lib.validate(cfg)
+
+
+def test_partition_dependent_rules():
+    cfg = config_lib.base_config()
+    config_lib.validate_partition(cfg, [0, 32, 5])
+    with pytest.raises(ValueError, match=r"train.batch_size=32 is invalid: exceeds the largest "):
+        config_lib.validate_partition(cfg, [3, 31, 0])
+    with pytest.raises(ValueError, match=r"data.num_clients=50 is invalid: leaves every client"):
+        config_lib.validate_partition(cfg, [0, 0])
 
 
 def test_data_dependent_rules():

@@ -58,11 +58,12 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_size: int
+    channels: int = 0  # model input channels; grey images are repeated to 3. 0: as the data
 
     def __call__(self, images: jax.Array) -> jax.Array:
         from sflam_jax.data.batches import preprocess
 
-        return preprocess(images, self.mean, self.std, self.image_size)
+        return preprocess(images, self.mean, self.std, self.image_size, self.channels)
 
 
 def sample_clients(key: jax.Array, num_clients: int, per_round: int) -> jax.Array:

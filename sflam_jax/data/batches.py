@@ -111,11 +111,16 @@ def client_batch(
     return data.images[rows], data.labels[rows], mask
 
 
-def preprocess(images: jax.Array, mean, std, image_size: int) -> jax.Array:
-    """uint8 ``[B, H, W, C]`` -> normalised float32 ``[B, S, S, C]`` (bilinear resize if needed).
+def preprocess(images: jax.Array, mean, std, image_size: int, channels: int = 0) -> jax.Array:
+    """uint8 ``[B, H, W, C]`` -> normalised float32 ``[B, S, S, C']`` (bilinear resize if needed).
 
-    ``mean`` and ``std`` are per-channel values (or scalars) on the ``[0, 1]`` scale.
+    ``mean`` and ``std`` are per-channel values (or scalars) on the ``[0, 1]`` scale. With
+    ``channels=3`` a one-channel (grey) batch is repeated to three channels first; 0 keeps ``C``.
     """
+    if channels and images.shape[-1] != channels:
+        if images.shape[-1] != 1:
+            raise ValueError(f"images have {images.shape[-1]} channels; the model takes {channels}")
+        images = jnp.repeat(images, channels, axis=-1)
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
     x = (images.astype(jnp.float32) / 255.0 - mean) / std

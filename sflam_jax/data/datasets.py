@@ -22,6 +22,8 @@ import struct
 
 import numpy as np
 
+from sflam_jax.errors import ConfigError, DataError, MissingDataError
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -66,7 +68,7 @@ def _idx_path(directory: str, stem: str) -> str:
         path = os.path.join(directory, candidate)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(
+    raise MissingDataError(
         f"data.idx_dir={directory!r} has no {stem}.gz (or {stem}); an IDX directory needs "
         f"{', '.join(s + '.gz' for s in IDX_FILES.values())}"
     )
@@ -84,19 +86,19 @@ def read_idx(path: str) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read IDX file {path!r}: {e} (truncated or not gzip?)") from e
+        raise DataError(f"cannot read IDX file {path!r}: {e} (truncated or not gzip?)") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path!r} is not an IDX file (bad magic number)")
+        raise DataError(f"{path!r} is not an IDX file (bad magic number)")
     if raw[2] != _IDX_UBYTE:
-        raise ValueError(f"{path!r} holds IDX type 0x{raw[2]:02x}; only unsigned bytes are read")
+        raise DataError(f"{path!r} holds IDX type 0x{raw[2]:02x}; only unsigned bytes are read")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path!r} is truncated inside its header")
+        raise DataError(f"{path!r} is truncated inside its header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
-        raise ValueError(
+        raise DataError(
             f"{path!r} declares shape {shape} ({expected} bytes) but holds "
             f"{len(raw) - header} bytes: the file is truncated or corrupt"
         )
@@ -108,7 +110,7 @@ def _as_images(array: np.ndarray, path: str) -> np.ndarray:
         return array[..., None]
     if array.ndim == 4:
         return array
-    raise ValueError(f"{path!r} has {array.ndim} dimensions; image files need 3 (N, H, W) or 4")
+    raise DataError(f"{path!r} has {array.ndim} dimensions; image files need 3 (N, H, W) or 4")
 
 
 def read_idx_directory(directory: str) -> dict[str, np.ndarray]:
@@ -124,7 +126,7 @@ def read_idx_directory(directory: str) -> dict[str, np.ndarray]:
         test images of different shapes.
     """
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"data.idx_dir={directory!r} is not a directory. For Fashion-MNIST run "
             "`apt-get install dataset-fashion-mnist`, or point data.idx_dir at a directory of "
             "MNIST-layout IDX files"
@@ -135,15 +137,15 @@ def read_idx_directory(directory: str) -> dict[str, np.ndarray]:
         array = read_idx(path)
         arrays[key] = _as_images(array, path) if key.endswith("images") else array
         if key.endswith("labels") and array.ndim != 1:
-            raise ValueError(f"{path!r} has shape {array.shape}; a label file is one-dimensional")
+            raise DataError(f"{path!r} has shape {array.shape}; a label file is one-dimensional")
     for split in ("train", "test"):
         n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
         if n_img != n_lab:
-            raise ValueError(
+            raise DataError(
                 f"data.idx_dir={directory!r}: {split} split has {n_img} images but {n_lab} labels"
             )
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
-        raise ValueError(
+        raise DataError(
             f"data.idx_dir={directory!r}: train images {arrays['train_images'].shape[1:]} and "
             f"test images {arrays['test_images'].shape[1:]} differ in shape"
         )
@@ -217,7 +219,7 @@ def _read_builder(builder, name: str) -> Dataset:
     sources = builder.as_data_source()
     missing = {"train", "test"} - set(sources)
     if missing:
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r} has no {sorted(missing)} split; it has {sorted(sources)}"
         )
     features = builder.info.features
@@ -289,7 +291,7 @@ def load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         if not download:
-            raise ValueError(
+            raise DataError(
                 f"data.name={name!r} is not prepared in data.data_dir={data_dir!r}; set "
                 "data.download=True (needs internet) or prepare it there first"
             )
@@ -308,4 +310,4 @@ def load_dataset(data_cfg) -> Dataset:
         return load_idx_directory(data_cfg.idx_dir, data_dir)
     if data_cfg.source == "tfds":
         return load_tfds(data_cfg.name, data_dir, data_cfg.download)
-    raise ValueError(f"data.source={data_cfg.source!r} is unknown; allowed: 'idx', 'tfds'")
+    raise ConfigError(f"data.source={data_cfg.source!r} is unknown; allowed: 'idx', 'tfds'")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sflam_jax.errors import ConfigError
+
 
 def dirichlet_partition(
     labels: np.ndarray,
@@ -34,7 +36,7 @@ def dirichlet_partition(
     """
     _check(labels, num_clients, min_samples)
     if alpha <= 0:
-        raise ValueError(f"data.alpha={alpha} must be > 0")
+        raise ConfigError(f"data.alpha={alpha} must be > 0")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     by_class = [np.flatnonzero(labels == c) for c in classes]
@@ -49,7 +51,7 @@ def dirichlet_partition(
         result = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in result) >= min_samples:
             return result
-    raise ValueError(
+    raise ConfigError(
         f"data.alpha={alpha}: no Dirichlet draw in {max_tries} tries gave all {num_clients} "
         f"clients at least data.min_client_samples={min_samples} samples; raise alpha or lower "
         "data.min_client_samples or data.num_clients"
@@ -67,9 +69,9 @@ def iid_partition(
 
 def _check(labels: np.ndarray, num_clients: int, min_samples: int) -> None:
     if num_clients < 1:
-        raise ValueError(f"data.num_clients={num_clients} must be >= 1")
+        raise ConfigError(f"data.num_clients={num_clients} must be >= 1")
     if num_clients * min_samples > len(labels):
-        raise ValueError(
+        raise ConfigError(
             f"data.num_clients={num_clients} clients with at least {min_samples} samples each need "
             f"{num_clients * min_samples} samples; the training set has {len(labels)}"
         )
@@ -83,6 +85,6 @@ def partition(labels: np.ndarray, data_cfg, seed: int) -> list[np.ndarray]:
         )
     if data_cfg.partition == "iid":
         return iid_partition(labels, data_cfg.num_clients, seed, data_cfg.min_client_samples)
-    raise ValueError(
+    raise ConfigError(
         f"data.partition={data_cfg.partition!r} is unknown; allowed: 'dirichlet', 'iid'"
     )

@@ -195,3 +195,11 @@ def init_params(cfg: ViTConfig, key: jax.Array) -> dict:
     """Random parameters of the whole model (float32)."""
     x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
     return ViT(cfg).init({"params": key}, x)["params"]
+
+
+def hidden_states(cfg: ViTConfig, params: dict, images: jax.Array) -> jax.Array:
+    """The final-norm token sequence ``[B, N + 1, D]`` (Hugging Face's ``last_hidden_state``)."""
+    x = Embedding(cfg).apply({"params": params["embedding"]}, images)
+    for name in block_names(cfg.depth):
+        x = Block(cfg).apply({"params": params[name]}, x)
+    return nn.LayerNorm(cfg.layer_norm_eps).apply({"params": params["head"]["norm"]}, x)

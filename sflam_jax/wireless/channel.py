@@ -106,5 +106,7 @@ def rate_bps(
       noise_w_per_hz: N0 in W/Hz.
     """
     safe_bw = jnp.where(bandwidth_hz > 0, bandwidth_hz, 1.0)
-    snr = power_w * gain / (safe_bw * noise_w_per_hz)
+    # G / N0 first: the product beta N0 (~1e-13 W) would square to ~1e-26 in the gradient, which
+    # XLA's fused float32 code flushes to zero (an infinite gradient).
+    snr = power_w * (gain / noise_w_per_hz) / safe_bw
     return jnp.where(bandwidth_hz > 0, safe_bw * jnp.log1p(snr) / jnp.log(2.0), 0.0)
