@@ -176,7 +176,8 @@ def train_and_evaluate(
 ) -> dict:
     """Runs (or resumes) the experiment of ``config`` in ``workdir``.
 
-    Writes ``workdir/metrics.jsonl`` (one record per round), ``timing.jsonl``, ``config.json`` and
+    Writes ``workdir/metrics.jsonl`` (one record per round; with ``eval_every`` a round-0 record
+    of the starting model's test metrics first), ``timing.jsonl``, ``config.json`` and
     orbax checkpoints under ``workdir/checkpoints``. Returns the last round's record.
 
     Args:
@@ -258,6 +259,11 @@ def train_and_evaluate(
     last_eval = {}
     t_start = time.perf_counter()
     try:
+        if start == 0 and config.eval_every:
+            # Round 0: the starting model (the checkpoint's accuracy when fine-tuning).
+            last_eval = evaluate_state(evaluate, state, test_images, test_labels)
+            record = {"round": 0, **last_eval}
+            writer.write(record, {"eval_s": time.perf_counter() - t_start, "elapsed_s": 0.0})
         for r in range(start, config.num_rounds):
             t0 = time.perf_counter()
             state, metrics = round_fn(state, client_data, jax.random.fold_in(run_key, r))

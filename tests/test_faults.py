@@ -56,7 +56,7 @@ def test_killed_at_every_kind_of_point_resumes_to_the_same_run(
                 assert not f.read().endswith("\n"), "the torn line is not there"
         # Complete records only, one per round, each equal to the reference's.
         records = read_metrics(tmp_path)
-        assert [r["round"] for r in records] == list(range(1, len(records) + 1))
+        assert [r["round"] for r in records] == list(range(len(records)))
         assert records == read_metrics(reference)[: len(records)]
     subprocess.run(command, env=CLI_ENV, check=True, capture_output=True)
     with open(tmp_path / "metrics.jsonl") as a, open(os.path.join(reference, "metrics.jsonl")) as b:
@@ -137,7 +137,8 @@ def test_fresh_start_discards_the_old_run(reference_run, tmp_path):
     other = cfg.copy_and_resolve_references()
     other.model.cut_layer, other.num_rounds = 2, 1
     record = train.train_and_evaluate(other, workdir, fresh=True)
-    assert read_metrics(workdir) == [record] and record["round"] == 1
+    records = read_metrics(workdir)
+    assert [r["round"] for r in records] == [0, 1] and records[-1] == record
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
 
 
@@ -188,7 +189,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp
     bad_round = int(str(info.value).split(":")[0].split()[-1])
     assert bad_round >= 2, "diverged in round 1: nothing to keep, pick a smaller learning rate"
     records = read_metrics(tmp_path)
-    assert [r["round"] for r in records] == list(range(1, bad_round))
+    assert [r["round"] for r in records] == list(range(bad_round))
     state = _final_state(tmp_path, bad_round - 1)
     assert all(np.isfinite(np.asarray(x)).all() for x in ocp.tree.to_flat_dict(state).values())
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))[-1] == bad_round - 1

@@ -15,7 +15,9 @@ from sflam_jax.metrics import read_jsonl
 def test_run_writes_metrics_checkpoints_and_learns(reference_run):
     cfg, workdir, final = reference_run
     records = _metrics(workdir)
-    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
+    assert set(records[0]) == {"round", "test_loss", "test_accuracy"}  # the starting model
+    records = records[1:]
     for r in records:
         assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "clients"} <= set(r)
         assert len(set(r["clients"])) == cfg.train.clients_per_round
@@ -25,7 +27,7 @@ def test_run_writes_metrics_checkpoints_and_learns(reference_run):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "4"
     timing = read_jsonl(os.path.join(workdir, "timing.jsonl"))
-    assert [t["round"] for t in timing] == [1, 2, 3, 4]
+    assert [t["round"] for t in timing] == [0, 1, 2, 3, 4]
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["num_rounds"] == 4
 
@@ -42,7 +44,7 @@ def test_other_seed_other_metrics(reference_run, tmp_path):
     cfg = cfg.copy_and_resolve_references()
     cfg.seed, cfg.num_rounds = 1, 1
     train.train_and_evaluate(cfg, str(tmp_path))
-    assert _metrics(tmp_path)[0] != _metrics(workdir)[0]
+    assert _metrics(tmp_path)[1] != _metrics(workdir)[1]
 
 
 def test_resume_continues_to_the_same_result(reference_run, tmp_path):
@@ -66,11 +68,11 @@ def test_killed_cli_run_resumes_with_the_same_metrics(reference_run, tmp_path, i
     env = CLI_ENV
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while len(_metrics(tmp_path)) < 2 and proc.poll() is None and time.time() < deadline:
+    while len(_metrics(tmp_path)) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 2 <= len(_metrics(tmp_path)) < 4, "the run was not killed mid-way"
+    assert 3 <= len(_metrics(tmp_path)) < 5, "the run was not killed mid-way"
     subprocess.run(command, env=env, check=True, capture_output=True)
     assert _metrics(tmp_path) == _metrics(workdir)
 
@@ -101,7 +103,7 @@ def test_allocation_in_the_round(reference_run, tmp_path):
     cfg.allocation.method, cfg.allocation.optimize_bits = "pgd", True
     cfg.allocation.pgd_steps = 300
     train.train_and_evaluate(cfg, str(tmp_path))
-    pgd_records, equal_records = _metrics(tmp_path), _metrics(workdir)[:2]
+    pgd_records, equal_records = _metrics(tmp_path), _metrics(workdir)[1:3]
     for p, e in zip(pgd_records, equal_records, strict=True):
         assert p["clients"] == e["clients"]
         assert p["quant_error"] <= cfg.allocation.eps_q * (1 + 1e-6)

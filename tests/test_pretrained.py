@@ -1,0 +1,165 @@
+"""Hugging Face ViT checkpoints: parity with transformers' PyTorch ViT, adaptation, errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # a test extra; CI installs it
+transformers = pytest.importorskip("transformers")
+
+from sflam_jax import train  # noqa: E402
+from sflam_jax.models import pretrained, vit  # noqa: E402
+
+SMALL = [
+    # (image size, channels, patch, hidden, depth, heads, mlp)
+    (16, 3, 4, 32, 2, 4, 64),
+    (14, 1, 7, 24, 3, 2, 40),
+]
+
+
+def _save(directory, image_size, channels, patch, hidden, depth, heads, mlp, labels=0, seed=0):
+    """A random transformers ViT saved with save_pretrained (ViTModel, or a classifier)."""
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(
+        image_size=image_size,
+        num_channels=channels,
+        patch_size=patch,
+        hidden_size=hidden,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **({"num_labels": labels} if labels else {}),
+    )
+    cls = transformers.ViTForImageClassification if labels else transformers.ViTModel
+    model = cls(config).eval()
+    with torch.no_grad():  # non-trivial values everywhere (the init leaves zeros and ones)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("arch", SMALL, ids=["p4-d2-h4", "p7-d3-h2-grey"])
+def test_final_hidden_states_match_transformers(tmp_path, arch):
+    model = _save(tmp_path, *arch)
+    size, channels = arch[0], arch[1]
+    images = np.random.default_rng(0).normal(size=(3, size, size, channels)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    loaded = pretrained.load(str(tmp_path))
+    assert loaded.config.depth == arch[4] and loaded.config.num_heads == arch[5]
+    got = vit.hidden_states(loaded.config, loaded.params, jnp.asarray(images))
+    np.testing.assert_allclose(got, expected.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_classifier_checkpoint_logits_match(tmp_path):
+    model = _save(tmp_path, *SMALL[0], labels=5)
+    images = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).logits
+    loaded = pretrained.load(str(tmp_path))
+    assert loaded.config.num_classes == 5
+    logits = vit.ViT(loaded.config).apply({"params": loaded.params}, jnp.asarray(images))
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_other_classes_and_image_size_adapt(tmp_path):
+    _save(tmp_path, *SMALL[0], labels=5)
+    loaded = pretrained.load(str(tmp_path))
+    cfg, params = pretrained.adapt(loaded, image_size=24, num_classes=3)
+    assert (cfg.image_size, cfg.num_classes) == (24, 3)
+    assert params["embedding"]["position"].shape == (1, 1 + 6 * 6, 32)
+    np.testing.assert_array_equal(params["head"]["classifier"]["kernel"], np.zeros((32, 3)))
+    # The class token's position is kept, a constant grid resizes to itself, and the model runs.
+    old = loaded.params["embedding"]["position"]
+    np.testing.assert_array_equal(params["embedding"]["position"][:, 0], old[:, 0])
+    flat = jnp.ones((1, 17, 2)).at[:, 0].set(5.0)
+    np.testing.assert_allclose(
+        pretrained.interpolate_positions(flat, 4, 6), jnp.ones((1, 37, 2)).at[:, 0].set(5.0)
+    )
+    logits = vit.ViT(cfg).apply({"params": params}, jnp.zeros((2, 24, 24, 3)))
+    assert logits.shape == (2, 3)
+    # Same classes and size: the checkpoint's own head and positions are kept.
+    same_cfg, same = pretrained.adapt(loaded, image_size=16, num_classes=5)
+    np.testing.assert_array_equal(
+        same["head"]["classifier"]["kernel"], loaded.params["head"]["classifier"]["kernel"]
+    )
+    np.testing.assert_array_equal(same["embedding"]["position"], old)
+
+
+def _edit_safetensors(directory, edit):
+    from safetensors.numpy import load_file, save_file
+
+    path = os.path.join(directory, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_missing_unknown_and_misshapen_tensors_are_named(tmp_path):
+    _save(tmp_path, *SMALL[0])
+    name = "encoder.layer.1.attention.attention.key.weight"
+    _edit_safetensors(tmp_path, lambda t: t.pop(name))
+    with pytest.raises(pretrained.PretrainedError, match=f"'{name}' is missing"):
+        pretrained.load(str(tmp_path))
+    _save(tmp_path, *SMALL[0])
+    _edit_safetensors(tmp_path, lambda t: t.update({"encoder.layer.0.adapter.weight": t[name]}))
+    with pytest.raises(pretrained.PretrainedError, match="'encoder.layer.0.adapter.weight' has no"):
+        pretrained.load(str(tmp_path))
+    _save(tmp_path, *SMALL[0])
+    bad = "encoder.layer.0.intermediate.dense.weight"
+    _edit_safetensors(tmp_path, lambda t: t.update({bad: t[bad][:10]}))
+    with pytest.raises(pretrained.PretrainedError, match=f"'{bad}' has shape \\(10, 32\\)"):
+        pretrained.load(str(tmp_path))
+    with pytest.raises(pretrained.PretrainedError, match="not a directory"):
+        pretrained.load(str(tmp_path / "nowhere"))
+
+
+def test_pytorch_bin_file_loads_the_same(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _save(tmp_path / "st", *SMALL[1])
+    # transformers 5 writes safetensors only; older releases wrote the same tensors (same names)
+    # with torch.save.
+    os.makedirs(tmp_path / "bin")
+    model.config.save_pretrained(tmp_path / "bin")
+    tensors = load_file(tmp_path / "st" / "model.safetensors")
+    torch.save(tensors, tmp_path / "bin" / "pytorch_model.bin")
+    a, b = pretrained.load(str(tmp_path / "st")), pretrained.load(str(tmp_path / "bin"))
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def test_fine_tuning_starts_at_the_checkpoints_accuracy(tiny_config, tmp_path):
+    """A run from a saved classifier: its round-0 evaluation equals the checkpoint's own accuracy
+    and loss on the test set, computed by transformers on the same normalised images."""
+    from sflam_jax.data.datasets import load_dataset
+
+    model = _save(tmp_path / "ckpt", *SMALL[1], labels=4)
+    with torch.no_grad():  # a confident head, so the argmax never sits on a near-tie
+        model.classifier.weight.mul_(40.0)
+    model.save_pretrained(tmp_path / "ckpt")
+    with open(tmp_path / "ckpt" / "preprocessor_config.json", "w") as f:
+        json.dump({"do_normalize": True, "image_mean": [0.3], "image_std": [0.25]}, f)
+    cfg = tiny_config
+    cfg.model.pretrained, cfg.num_rounds, cfg.model.cut_layer = str(tmp_path / "ckpt"), 1, 2
+    data = load_dataset(cfg.data)
+    x = (data.test_images.astype(np.float32) / 255.0 - 0.3) / 0.25
+    with torch.no_grad():
+        logits = model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).logits
+    labels = torch.from_numpy(data.test_labels.astype(np.int64))
+    accuracy = float((logits.argmax(-1) == labels).float().mean())
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert 0.05 < accuracy < 0.95, "pick another seed: the check needs a non-trivial accuracy"
+
+    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        first = json.loads(f.readline())
+    assert first["round"] == 0
+    assert first["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert first["test_loss"] == pytest.approx(loss, rel=1e-4)
