@@ -18,7 +18,78 @@ def load_run(workdir: str) -> dict[str, list]:
         "test_accuracy": [m["test_accuracy"] for m in evaluated],
         "test_loss": [m["test_loss"] for m in evaluated],
         "elapsed_s": [elapsed.get(m["round"], float("nan")) for m in evaluated],
+        # The simulated clock and energy start at 0 before round 1.
+        "sim_time_s": [m.get("sim_time_s", 0.0) for m in evaluated],
+        "sim_energy_j": [m.get("sim_energy_j", 0.0) for m in evaluated],
     }
+
+
+def _save(fig, out_path: str | None):
+    if out_path:
+        tmp = out_path + ".tmp.png"
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out_path)
+    return fig
+
+
+def plot_progress(workdir: str, out_path: str | None = None, title: str = ""):
+    """Test accuracy against rounds, simulated wall-clock (s) and cumulative device energy (J).
+
+    Returns the matplotlib ``Figure`` (shown inline in a notebook); also a PNG when ``out_path``.
+    """
+    from matplotlib.figure import Figure
+
+    run = load_run(workdir)
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    series = [
+        ("round", "round"),
+        ("sim_time_s", "simulated wall-clock (s)"),
+        ("sim_energy_j", "cumulative device energy (J)"),
+    ]
+    for ax, (key, label) in zip(axes, series, strict=True):
+        ax.plot(run[key], run["test_accuracy"], marker=".")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    fig.suptitle(title or os.path.basename(os.path.normpath(workdir)))
+    return _save(fig, out_path)
+
+
+def plot_sweep(results: dict, x_label: str, out_path: str | None = None, title: str = ""):
+    """Mean round latency and device energy (with 10-90% bands over draws) against a swept value.
+
+    Args:
+      results: ``{label: {x: metrics of allocation.planner.sweep}}``, one line per label.
+      x_label: the swept quantity with its unit.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2)
+    quantities = [("round_latency_s", "round latency (s)"), ("round_energy_j", "device energy (J)")]
+    for label, by_x in results.items():
+        xs = sorted(by_x)
+        for ax, (key, y_label) in zip(axes, quantities, strict=True):
+            values = [np.asarray(by_x[x][key]) for x in xs]
+            ax.plot(xs, [v.mean() for v in values], marker="o", label=label)
+            ax.fill_between(
+                xs,
+                [np.percentile(v, 10) for v in values],
+                [np.percentile(v, 90) for v in values],
+                alpha=0.2,
+            )
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_path)
 
 
 def plot_accuracy(workdirs: list[str], labels: list[str], out_path: str, title: str = "") -> None:

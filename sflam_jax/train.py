@@ -45,6 +45,18 @@ from sflam_jax.models import split as split_lib
 from sflam_jax.wireless.costs import Workload, device_memory_bytes
 
 
+def preset_config(config, image_shape, num_classes: int) -> vit.ViTConfig:
+    """The ViT of ``model.preset`` for images of ``image_shape`` (H, W, C) and these classes."""
+    return vit.vit_config(
+        config.model.preset,
+        image_size=config.data.image_size or image_shape[0],
+        channels=image_shape[-1],
+        num_classes=num_classes,
+        patch_size=config.model.patch_size or None,
+        layer_norm_eps=config.model.layer_norm_eps,
+    )
+
+
 def build_model(config, dataset: Dataset, key: jax.Array):
     """The ViT for this data, its split with the configured AQT matmuls, its initial parameters
     (random, or ``model.pretrained`` adapted to the data) and the input preprocessing."""
@@ -62,14 +74,7 @@ def build_model(config, dataset: Dataset, key: jax.Array):
         # The checkpoint's own normalisation, as its image processor would apply it.
         mean, std = checkpoint.image_mean, checkpoint.image_std
     else:
-        model_cfg = vit.vit_config(
-            config.model.preset,
-            image_size=image_size,
-            channels=dataset.image_shape[-1],
-            num_classes=dataset.num_classes,
-            patch_size=config.model.patch_size or None,
-            layer_norm_eps=config.model.layer_norm_eps,
-        )
+        model_cfg = preset_config(config, dataset.image_shape, dataset.num_classes)
         params = vit.init_params(model_cfg, key)
     dg = None
     if config.aqt.enabled:
@@ -109,6 +114,16 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         fixed_bits=None if config.allocation.optimize_bits else config.quant.up_bits,
         pgd=PGDOptions(steps=config.allocation.pgd_steps),
     )
+
+
+def planner_for(config, image_shape, num_classes: int) -> RoundPlanner:
+    """The round planner of ``config`` without data or weights, for system-model studies: FLOPs and
+    sizes come from the preset's parameter shapes (nothing is initialised)."""
+    validate(config)
+    model_cfg = preset_config(config, image_shape, num_classes)
+    shapes = jax.eval_shape(lambda k: vit.init_params(model_cfg, k), jax.random.key(0))
+    params_c, params_s = split_lib.split_params(shapes, config.model.cut_layer, model_cfg.depth)
+    return build_planner(config, model_cfg, params_c, params_s)
 
 
 def device_memory(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: dict) -> dict:

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sflam_jax.allocation import IN_GRAPH
 from sflam_jax.allocation.pgd import PGDOptions
@@ -103,3 +104,26 @@ class RoundPlanner:
             out[f"{name}_round_latency_s"] = c["round_latency_s"]
             out[f"{name}_round_energy_j"] = c["round_energy_j"]
         return out
+
+
+def sweep(
+    planner: RoundPlanner, key: jax.Array, draws: int, steps: jax.Array, counts: jax.Array
+) -> dict[str, np.ndarray]:
+    """One round's plan for ``draws`` independent channel draws of the same S devices.
+
+    All draws run as one ``jax.vmap``-ed, jit-compiled program (no Python loop over scenarios).
+
+    Args:
+      planner: the planner (method, workload, system constants, weights).
+      key: key of the sweep; draw i uses ``jax.random.split(key, draws)[i]``.
+      draws: number of channel draws.
+      steps: ``[S]`` local steps tau_k.
+      counts: ``[S]`` samples n_k.
+
+    Returns:
+      The planner's metrics as ``[draws]`` numpy arrays, plus ``bits`` ``[draws, S]``.
+    """
+    keys = jax.random.split(key, draws)
+    plan = jax.jit(jax.vmap(planner, in_axes=(0, None, None)))
+    bits, metrics = plan(keys, jnp.asarray(steps, jnp.float32), jnp.asarray(counts, jnp.float32))
+    return {"bits": np.asarray(bits), **{k: np.asarray(v) for k, v in metrics.items()}}

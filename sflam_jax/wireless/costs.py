@@ -80,7 +80,7 @@ def sflam_round_costs(
     t_srv = 3.0 * b * workload.server_flops * s / params.server_flops
     t_up = b * payload_bits(up_bits, workload.values_per_sample) / r_up
     t_dn = b * payload_bits(down_bits, workload.values_per_sample) / r_dn
-    agg_bits = FLOAT_BITS * workload.client_params
+    agg_bits = float(FLOAT_BITS) * workload.client_params  # float: ViT-B sizes overflow int32
     t_agg_up, t_agg_dn = agg_bits / r_up, agg_bits / r_dn
 
     compute_s = steps * (t_cf + t_cb + t_srv)
@@ -122,7 +122,7 @@ def fl_round_costs(
     flops = workload.client_flops + workload.server_flops
     cycles = 3.0 * workload.batch_size * flops / params.flops_per_cycle
     compute_s = steps * cycles / devices.cpu_hz
-    model_bits = FLOAT_BITS * (workload.client_params + workload.server_params)
+    model_bits = float(FLOAT_BITS) * (workload.client_params + workload.server_params)
     r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
     r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
     comm_s = model_bits / r_up + model_bits / r_dn
