@@ -163,3 +163,30 @@ def test_fine_tuning_starts_at_the_checkpoints_accuracy(tiny_config, tmp_path):
     assert first["round"] == 0
     assert first["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
     assert first["test_loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def test_flax_msgpack_file_loads_the_same(tmp_path):
+    """transformers 4 wrote Flax checkpoints as nested msgpack: Linear kernels [in, out], the
+    patch convolution [P, P, C, D], LayerNorm weights named "scale"."""
+    from flax import serialization, traverse_util
+    from safetensors.numpy import load_file
+
+    _save(tmp_path / "st", *SMALL[0], labels=3)
+    flat = {}
+    for name, value in load_file(tmp_path / "st" / "model.safetensors").items():
+        module, leaf = name.rsplit(".", 1)
+        if leaf == "weight" and value.ndim == 4:
+            flat[f"{module}.kernel"] = value.transpose(2, 3, 1, 0)
+        elif leaf == "weight" and value.ndim == 2:
+            flat[f"{module}.kernel"] = value.T
+        elif leaf == "weight":
+            flat[f"{module}.scale"] = value
+        else:
+            flat[name] = value
+    os.makedirs(tmp_path / "flax")
+    transformers.ViTConfig.from_pretrained(tmp_path / "st").save_pretrained(tmp_path / "flax")
+    with open(tmp_path / "flax" / "flax_model.msgpack", "wb") as f:
+        f.write(serialization.msgpack_serialize(traverse_util.unflatten_dict(flat, sep=".")))
+    a, b = pretrained.load(str(tmp_path / "st")), pretrained.load(str(tmp_path / "flax"))
+    assert a.config == b.config and b.config.num_classes == 3
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)

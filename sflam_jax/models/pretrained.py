@@ -126,7 +126,8 @@ def read_tensors(directory: str) -> dict[str, np.ndarray]:
 
         with open(path, "rb") as f:
             tree = serialization.msgpack_restore(f.read())
-        tensors = {_flax_name(k): v for k, v in traverse_util.flatten_dict(tree, sep=".").items()}
+        flat = traverse_util.flatten_dict(tree, sep=".")
+        tensors = {_flax_name(k.removeprefix("params.")): v for k, v in flat.items()}
     else:
         try:
             import torch
@@ -259,8 +260,8 @@ def load(name_or_dir: str) -> Pretrained:
         os.path.join(directory, "flax_model.msgpack")
     )
     head = tensors.get("classifier.weight")
-    if head is not None:
-        cfg = dataclasses.replace(cfg, num_classes=int(head.shape[0]))
+    if head is not None:  # [classes, D] in PyTorch files, [D, classes] in Flax ones
+        cfg = dataclasses.replace(cfg, num_classes=int(head.shape[-1 if flax_file else 0]))
     params = to_params(tensors, cfg, flax_file)
     mean, std = _preprocessing(directory, cfg.channels)
     return Pretrained(cfg, params, mean, std, directory)
