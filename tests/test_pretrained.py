@@ -190,3 +190,28 @@ def test_flax_msgpack_file_loads_the_same(tmp_path):
     a, b = pretrained.load(str(tmp_path / "st")), pretrained.load(str(tmp_path / "flax"))
     assert a.config == b.config and b.config.num_classes == 3
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def test_hub_ids_go_through_the_hub_cache(tmp_path, monkeypatch):
+    """A hub id is fetched with huggingface_hub.snapshot_download (stubbed here: no network)."""
+    import huggingface_hub
+
+    _save(tmp_path, *SMALL[0])
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded = pretrained.load("google/vit-base-patch32-224-in21k")
+    assert loaded.source == str(tmp_path) and loaded.config.depth == 2
+    assert calls[0][0] == "google/vit-base-patch32-224-in21k"
+    assert "model.safetensors" in calls[0][1] and "config.json" in calls[0][1]
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(pretrained.PretrainedError, match="neither a local directory nor a reach"):
+        pretrained.load("google/vit-base-patch16-224")
