@@ -16,7 +16,8 @@ from sflam_jax.data.datasets import DEBIAN_FASHION_MNIST
 from sflam_jax.errors import ConfigError
 from sflam_jax.models.vit import PRESETS
 
-ALGORITHMS = ("sflam",)
+# SPEC section 1: SFLAM and the protocols it is compared with (see train.build_algorithm).
+ALGORITHMS = ("sflam", "sfl", "sfl_v2", "sl", "fl")
 
 # Fields a resumed run may change: they steer the run (length, logging, checkpoint cadence, where
 # the files are) but not the numbers of a round. Every other field must match the checkpoint.
@@ -40,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     """SFLAM on Fashion-MNIST (Debian's dataset-fashion-mnist files) with the "mini" ViT."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.algorithm = "sflam"
+    c.algorithm = "sflam"  # or a baseline: "sfl", "sfl_v2", "sl", "fl"
     c.num_rounds = 80
     c.eval_every = 5
 

@@ -23,6 +23,7 @@ from sflam_jax.algorithms.base import (
     make_evaluate,
     make_optimizer,
 )
+from sflam_jax.algorithms.sequential import SequentialServer
 from sflam_jax.algorithms.sflam import SFLAM
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.planner import RoundPlanner
@@ -77,7 +78,8 @@ def build_model(config, dataset: Dataset, key: jax.Array):
         model_cfg = preset_config(config, dataset.image_shape, dataset.num_classes)
         params = vit.init_params(model_cfg, key)
     dg = None
-    if config.aqt.enabled:
+    # AQT belongs to SFLAM; the baseline protocols train float models.
+    if config.aqt.enabled and config.algorithm == "sflam":
         dg = quant.aqt_dot_general_cls(config.aqt.fwd_bits or None, config.aqt.bwd_bits or None)
     model = split_lib.split(
         model_cfg,
@@ -91,8 +93,44 @@ def build_model(config, dataset: Dataset, key: jax.Array):
     return model_cfg, model, params, preprocess
 
 
+def cut_bits(config) -> tuple[int, int]:
+    """Uplink and downlink cut-layer bits: the config's for SFLAM, float (32) for the baselines."""
+    if config.algorithm == "sflam":
+        return config.quant.up_bits, config.quant.down_bits
+    return quant.FLOAT_BITS, quant.FLOAT_BITS
+
+
+def build_algorithm(config, model, preprocess, planner):
+    """The protocol of ``config.algorithm`` (SPEC section 1).
+
+    ``sflam``, ``sfl`` and ``fl`` are the vmapped SFL-V1 round: ``sfl`` with float cut-layer
+    traffic, and ``fl`` the same float round, which is FedAvg of the whole model on each device
+    (with the identity quantizer every client's server copy and device segment train exactly as the
+    unsplit model would), costed as FL. ``sfl_v2`` and ``sl`` share one server segment client after
+    client (``algorithms.sequential``).
+    """
+    common = dict(
+        model=model,
+        optimizer=make_optimizer(config.optimizer),
+        preprocess=preprocess,
+        clients_per_round=config.train.clients_per_round,
+        local_epochs=config.train.local_epochs,
+        batch_size=config.train.batch_size,
+        down_bits=cut_bits(config)[1],
+        chunk_size=config.train.chunk_size,
+        planner=planner,
+    )
+    if config.algorithm in ("sfl_v2", "sl"):
+        return SequentialServer(**common, relay_client=config.algorithm == "sl")
+    return SFLAM(**common)
+
+
 def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: dict):
-    """The per-round resource planner; FLOPs come from XLA's cost analysis of the float segments."""
+    """The per-round resource planner; FLOPs come from XLA's cost analysis of the float segments.
+
+    SFLAM uses ``config.allocation``; the baselines run at full power on equal bandwidth shares with
+    float cut-layer traffic and report their own protocol's latency and energy.
+    """
     float_model = split_lib.split(model_cfg, config.model.cut_layer)
     image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
     client_flops, server_flops = split_lib.segment_flops(
@@ -106,6 +144,15 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         batch_size=config.train.batch_size,
         server_params=split_lib.num_params(params_s),
     )
+    if config.algorithm != "sflam":
+        return RoundPlanner(
+            method="equal",
+            workload=workload,
+            params=system_params(config),
+            weights=allocation_weights(config),
+            fixed_bits=quant.FLOAT_BITS,
+            protocol=config.algorithm,
+        )
     return RoundPlanner(
         method=config.allocation.method,
         workload=workload,
@@ -218,16 +265,11 @@ def train_and_evaluate(
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
     model_cfg, model, params, preprocess = build_model(config, dataset, init_key)
     initial = initial_state(model_cfg, config.model.cut_layer, params)
-    algorithm = SFLAM(
-        model=model,
-        optimizer=make_optimizer(config.optimizer),
-        preprocess=preprocess,
-        clients_per_round=config.train.clients_per_round,
-        local_epochs=config.train.local_epochs,
-        batch_size=config.train.batch_size,
-        down_bits=config.quant.down_bits,
-        chunk_size=config.train.chunk_size,
-        planner=build_planner(config, model_cfg, initial.params_c, initial.params_s),
+    algorithm = build_algorithm(
+        config,
+        model,
+        preprocess,
+        build_planner(config, model_cfg, initial.params_c, initial.params_s),
     )
     system = {
         **dataclasses.asdict(algorithm.planner.workload),
@@ -257,7 +299,7 @@ def train_and_evaluate(
     writer = MetricWriter(workdir, start, config.metrics.tensorboard)
 
     round_fn = jax.jit(
-        functools.partial(algorithm.round, up_bits=config.quant.up_bits), donate_argnums=0
+        functools.partial(algorithm.round, up_bits=cut_bits(config)[0]), donate_argnums=0
     )
     evaluate = jax.jit(make_evaluate(model, preprocess, config.train.eval_batch_size))
 

@@ -40,18 +40,37 @@ def _setup(sizes, cut_layer, seed=0):
     return model, state, data, images, labels, parts
 
 
-def _oracle_round(model, state, images, labels, parts, key, per_round, up_bits, down_bits, pre):
+def _oracle_round(
+    model,
+    state,
+    images,
+    labels,
+    parts,
+    key,
+    per_round,
+    up_bits,
+    down_bits,
+    pre,
+    shared_server=False,
+    relay_client=False,
+):
+    """One round of SFL-V1 (default), SFL-V2 (``shared_server``: one server segment and its
+    momentum, updated client after client) or SL (also ``relay_client``: the client segment is
+    handed on). Returns ``(clients, w_c, w_s, mean train loss)``."""
     sample_key, train_key = jax.random.split(key)
     clients = np.asarray(sample_clients(sample_key, len(parts), per_round))
     width = -(-max(len(p) for p in parts) // B) * B
     finals, sizes, losses = [], [], []
+    last_c, shared_s = state.params_c, state.params_s
+    shared_mom_s = jax.tree.map(jnp.zeros_like, state.params_s)
     for i, k in enumerate(clients):
         n = len(parts[k])
         order_key, step_key = jax.random.split(jax.random.fold_in(train_key, int(k)))
         orders = np.asarray(epoch_orders(order_key, jnp.int32(n), width, E))
-        pc, ps = state.params_c, state.params_s
+        pc = last_c if relay_client else state.params_c
+        ps = shared_s if shared_server else state.params_s
         mom_c = jax.tree.map(jnp.zeros_like, pc)
-        mom_s = jax.tree.map(jnp.zeros_like, ps)
+        mom_s = shared_mom_s if shared_server else jax.tree.map(jnp.zeros_like, ps)
         step = 0
         for e in range(E):
             perm = orders[e][:n]
@@ -78,14 +97,15 @@ def _oracle_round(model, state, images, labels, parts, key, per_round, up_bits, 
                 step += 1
         finals.append((pc, ps))
         sizes.append(n)
+        last_c, shared_s, shared_mom_s = pc, ps, mom_s
     rho = np.asarray(sizes, np.float64) / np.sum(sizes)
     avg = lambda trees: jax.tree.map(  # noqa: E731
         lambda *xs: sum(r * np.asarray(x, np.float64) for r, x in zip(rho, xs, strict=True)), *trees
     )
     return (
         clients,
-        avg([f[0] for f in finals]),
-        avg([f[1] for f in finals]),
+        last_c if relay_client else avg([f[0] for f in finals]),
+        shared_s if shared_server else avg([f[1] for f in finals]),
         sum(losses) / (E * sum(sizes)),
     )
 

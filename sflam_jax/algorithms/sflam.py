@@ -227,12 +227,35 @@ class SFLAM:
         weight = jnp.sum(plan["counts"]).astype(jnp.float32)
         # A round whose sampled clients hold no samples leaves the global model as it was.
         average = lambda total, old: jnp.where(weight > 0, total / weight, old)  # noqa: E731
+        return self.finish_round(
+            state,
+            system,
+            jax.tree.map(average, sum_c, state.params_c),
+            jax.tree.map(average, sum_s, state.params_s),
+            stats,
+            plan["clients"].reshape(-1),
+            # [3, S]: finite loss, client segment and server copy of each sampled client.
+            jnp.moveaxis(health, 1, 0).reshape(3, -1),
+        )
+
+    def finish_round(self, state, system, params_c, params_s, stats, clients, health):
+        """The new state and the round's metrics (shared by every protocol).
+
+        Args:
+          state: the state the round started from.
+          system: the planner's metrics (empty without a planner).
+          params_c, params_s: the new global segments.
+          stats: ``[3]`` summed loss, correct predictions, samples.
+          clients: ``[>= S]`` client ids in sampling order (padding after the first S).
+          health: ``[3, >= S]`` finite flags in the same order.
+        """
+        s = self.clients_per_round
         sim_time = state.sim_time_s + system.get("round_latency_s", 0.0)
         sim_energy = state.sim_energy_j + system.get("round_energy_j", 0.0)
         new_state = RoundState(
             round=state.round + 1,
-            params_c=jax.tree.map(average, sum_c, state.params_c),
-            params_s=jax.tree.map(average, sum_s, state.params_s),
+            params_c=params_c,
+            params_s=params_s,
             sim_time_s=sim_time,
             sim_energy_j=sim_energy,
         )
@@ -240,9 +263,8 @@ class SFLAM:
             "train_loss": stats[0] / stats[2],
             "train_accuracy": stats[1] / stats[2],
             "samples": stats[2],
-            "clients": plan["clients"].reshape(-1)[: self.clients_per_round],
-            # [3, S]: finite loss, client segment and server copy of each sampled client.
-            HEALTH: jnp.moveaxis(health, 1, 0).reshape(3, -1)[:, : self.clients_per_round],
+            "clients": clients[:s],
+            HEALTH: health[:, :s],
             **system,
         }
         if system:

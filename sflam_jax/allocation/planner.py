@@ -13,7 +13,16 @@ from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.problem import Weights, evaluate, make_problem
 from sflam_jax.quant import FLOAT_BITS
 from sflam_jax.wireless.channel import SystemParams, draw_devices
-from sflam_jax.wireless.costs import Workload, fl_round_costs, sflam_round_costs, sl_round_costs
+from sflam_jax.wireless.costs import (
+    Workload,
+    fl_round_costs,
+    sfl_v2_round_costs,
+    sflam_round_costs,
+    sl_round_costs,
+)
+
+# Protocols whose own costs the planner reports as the round's (SPEC sections 1 and 3).
+PROTOCOLS = ("sflam", "sfl", "sfl_v2", "sl", "fl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +36,8 @@ class RoundPlanner:
       weights: objective weights, bit range and learning budget.
       fixed_bits: cut-layer bits for every device, or None to let the solver choose them.
       pgd: descent settings when ``method == "pgd"``.
+      protocol: whose latency and energy are the round's ``round_latency_s`` and
+        ``round_energy_j`` (and so the simulated clock); "sflam" and "sfl" use the allocation.
     """
 
     method: str
@@ -35,8 +46,11 @@ class RoundPlanner:
     weights: Weights
     fixed_bits: int | None = None
     pgd: PGDOptions = PGDOptions()
+    protocol: str = "sflam"
 
     def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"algorithm={self.protocol!r} is unknown; allowed: {PROTOCOLS}")
         if self.method not in IN_GRAPH:
             raise ValueError(
                 f"allocation.method={self.method!r} is unknown; allowed: {sorted(IN_GRAPH)}"
@@ -82,10 +96,19 @@ class RoundPlanner:
             "bandwidth_max_hz": jnp.max(allocation.bandwidth_hz),
         }
         metrics.update(self.protocol_costs(devices, steps))
+        if self.protocol in ("sfl_v2", "sl", "fl"):
+            # The split by compute and communication above is SFL-V1's; the protocol's totals
+            # replace the round's.
+            for key in ("round_compute_s", "round_comm_s"):
+                metrics.pop(key)
+            for key in ("round_compute_energy_j", "round_comm_energy_j"):
+                metrics.pop(key)
+            metrics["round_latency_s"] = metrics[f"{self.protocol}_round_latency_s"]
+            metrics["round_energy_j"] = metrics[f"{self.protocol}_round_energy_j"]
         return allocation.bits, metrics
 
     def protocol_costs(self, devices, steps) -> dict[str, jax.Array]:
-        """T_round and E_round of SFL (32 bits), SL and FL for the same devices (SPEC section 3),
+        """T_round and E_round of SFL (32 bits), SFL-V2, SL and FL for the same devices (SPEC 3),
         each at full power with the band split equally (SL: the whole band, one at a time)."""
         s = steps.shape[0]
         full = jnp.full((s,), self.params.p_max_w)
@@ -94,6 +117,9 @@ class RoundPlanner:
         down = self.weights.down_bits
         runs = {
             "sfl": sflam_round_costs(
+                devices, steps, full, equal, floats, self.workload, self.params, down
+            ),
+            "sfl_v2": sfl_v2_round_costs(
                 devices, steps, full, equal, floats, self.workload, self.params, down
             ),
             "sl": sl_round_costs(devices, steps, full, floats, self.workload, self.params),

@@ -156,3 +156,29 @@ def device_memory_bytes(params: int, activation_bytes: float, optimizer_slots: i
     states per parameter (1 for SGD with momentum, 2 for Adam), plus the activations one batch
     keeps for the backward pass (SPEC section 3)."""
     return 4.0 * params * (2 + optimizer_slots) + activation_bytes
+
+
+def sfl_v2_round_costs(
+    devices: Devices,
+    steps: jax.Array,
+    power_w: jax.Array,
+    bandwidth_hz: jax.Array,
+    up_bits: jax.Array,
+    workload: Workload,
+    params: SystemParams,
+    down_bits: jax.Array | int = FLOAT_BITS,
+) -> dict[str, jax.Array]:
+    """SFL-V2: SFL-V1's traffic and device work, one server segment serving the devices in turn.
+
+    Each server step has the whole ``F_server`` (``t_srv = 3 B F_s / F_server``), but the server
+    is busy for ``sum_k tau_k t_srv`` in all, so ``T_round = max(max_k T_k, sum_k tau_k t_srv)``
+    with ``T_k`` as in SFL-V1 at one server copy. Device energy is SFL-V1's.
+    """
+    costs = sflam_round_costs(
+        devices, steps, power_w, bandwidth_hz, up_bits, workload, params, down_bits, 1
+    )
+    busy = jnp.sum(jnp.asarray(steps, jnp.float32), -1) * (
+        3.0 * workload.batch_size * workload.server_flops / params.server_flops
+    )
+    costs["round_latency_s"] = jnp.maximum(costs["round_latency_s"], busy)
+    return costs

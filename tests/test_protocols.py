@@ -1,0 +1,115 @@
+"""SFL-V2, SL and FL against plain-Python references of the same protocols (SPEC section 1)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_sflam import LR, MOMENTUM, B, E, _oracle_round, _setup
+
+from sflam_jax.algorithms.base import Preprocess, sample_clients
+from sflam_jax.algorithms.sequential import SequentialServer
+from sflam_jax.algorithms.sflam import SFLAM
+from sflam_jax.data.batches import epoch_orders
+from sflam_jax.models import split as split_lib
+from sflam_jax.models import vit
+
+PRE = Preprocess(mean=(0.5,), std=(0.5,), image_size=14)
+SIZES = [7, 13, 3, 10, 5]
+
+
+def _algorithm(cls, model, per_round=3, **kw):
+    return cls(model, optax.sgd(LR, momentum=MOMENTUM), PRE, per_round, E, B, **kw)
+
+
+@pytest.mark.parametrize(("relay", "cut"), [(False, 1), (True, 0)], ids=["sfl_v2", "sl"])
+def test_sequential_protocols_match_python_loop(relay, cut):
+    model, state, data, images, labels, parts = _setup(SIZES, cut)
+    key = jax.random.key(7)
+    clients, ref_c, ref_s, ref_loss = _oracle_round(
+        model, state, images, labels, parts, key, 3, [32] * 3, 32, PRE, True, relay
+    )
+    alg = _algorithm(SequentialServer, model, relay_client=relay)
+    new, metrics = jax.jit(alg.round)(state, data, key)
+    np.testing.assert_array_equal(metrics["clients"], clients)
+    chex.assert_trees_all_close(new.params_c, ref_c, atol=1e-5)
+    chex.assert_trees_all_close(new.params_s, ref_s, atol=1e-5)
+    np.testing.assert_allclose(metrics["train_loss"], ref_loss, rtol=1e-5)
+    # Not SFL-V1: the shared server (and for SL the relayed client) give another model.
+    v1, _ = jax.jit(_algorithm(SFLAM, model).round)(state, data, key, 32)
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new.params_s, v1.params_s)
+    assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_one_client_per_round_makes_the_protocols_coincide():
+    model, state, data, *_ = _setup(SIZES, 1)
+    key = jax.random.key(3)
+    results = [
+        jax.jit(_algorithm(cls, model, per_round=1, **kw).round)(state, data, key)[0]
+        for cls, kw in [
+            (SFLAM, {}),
+            (SequentialServer, {"relay_client": False}),
+            (SequentialServer, {"relay_client": True}),
+        ]
+    ]
+    for other in results[1:]:
+        chex.assert_trees_all_close(other.params_c, results[0].params_c, atol=1e-6)
+        chex.assert_trees_all_close(other.params_s, results[0].params_s, atol=1e-6)
+
+
+def test_fl_round_is_fedavg_of_the_whole_model():
+    """``fl`` runs the float SFL-V1 round; a FedAvg loop over the unsplit ViT (one optimizer on
+    the whole model, no cut at all) gives the same global model."""
+    cut = 1
+    model, state, data, images, labels, parts = _setup(SIZES, cut)
+    cfg = vit.vit_config("tiny", image_size=14, channels=1, num_classes=3, patch_size=7)
+    full = vit.ViT(cfg)
+    key = jax.random.key(11)
+    sample_key, train_key = jax.random.split(key)
+    clients = np.asarray(sample_clients(sample_key, len(parts), 3))
+    width = -(-max(len(p) for p in parts) // B) * B
+    start = split_lib.merge_params(state.params_c, state.params_s)
+    tx = optax.sgd(LR, momentum=MOMENTUM)
+
+    def loss_fn(params, x, y):
+        logits = full.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    finals, sizes = [], []
+    for k in clients:
+        n = len(parts[k])
+        order_key, _ = jax.random.split(jax.random.fold_in(train_key, int(k)))
+        orders = np.asarray(epoch_orders(order_key, jnp.int32(n), width, E))
+        params, opt = start, tx.init(start)
+        for e in range(E):
+            for t in range(-(-n // B)):
+                rows = parts[k][orders[e][:n][t * B : (t + 1) * B]]
+                grads = jax.grad(loss_fn)(params, PRE(jnp.asarray(images[rows])), labels[rows])
+                updates, opt = tx.update(grads, opt, params)
+                params = optax.apply_updates(params, updates)
+        finals.append(params)
+        sizes.append(n)
+    rho = np.asarray(sizes) / np.sum(sizes)
+    fedavg = jax.tree.map(lambda *xs: sum(r * x for r, x in zip(rho, xs, strict=True)), *finals)
+
+    new, _ = jax.jit(_algorithm(SFLAM, model, down_bits=32).round)(state, data, key, 32)
+    chex.assert_trees_all_close(
+        split_lib.merge_params(new.params_c, new.params_s), fedavg, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["sfl", "sfl_v2", "sl", "fl"])
+def test_every_protocol_trains_through_the_trainer(name, tiny_config, tmp_path):
+    from sflam_jax import train
+
+    cfg = tiny_config
+    cfg.algorithm, cfg.num_rounds, cfg.eval_every = name, 2, 2
+    cfg.aqt.enabled = True  # ignored by the baselines (float models)
+    record = train.train_and_evaluate(cfg, str(tmp_path))
+    assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
+    if name != "sfl":
+        assert record["round_latency_s"] == record[f"{name}_round_latency_s"]
+        assert record["round_energy_j"] == record[f"{name}_round_energy_j"]
+    else:
+        assert record["bits_mean"] == 32 and record["round_latency_s"] > 0
