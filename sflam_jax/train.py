@@ -296,7 +296,9 @@ def train_and_evaluate(
     # Written once the checkpoints are known to belong to this config.
     atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     atomic_write_text(os.path.join(workdir, "system.json"), json.dumps(system, indent=2))
-    writer = MetricWriter(workdir, start, config.metrics.tensorboard)
+    # Records after the restored round are dropped (those rounds run again); a run restarting from
+    # round 0 also rewrites its round-0 evaluation.
+    writer = MetricWriter(workdir, start if start else -1, config.metrics.tensorboard)
 
     round_fn = jax.jit(
         functools.partial(algorithm.round, up_bits=cut_bits(config)[0]), donate_argnums=0
