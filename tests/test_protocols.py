@@ -72,9 +72,14 @@ def test_fl_round_is_fedavg_of_the_whole_model():
     start = split_lib.merge_params(state.params_c, state.params_s)
     tx = optax.sgd(LR, momentum=MOMENTUM)
 
-    def loss_fn(params, x, y):
-        logits = full.apply({"params": params}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    @jax.jit
+    def sgd_step(params, opt, x, y):
+        def loss_fn(params):
+            logits = full.apply({"params": params}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        updates, opt = tx.update(jax.grad(loss_fn)(params), opt, params)
+        return optax.apply_updates(params, updates), opt
 
     finals, sizes = [], []
     for k in clients:
@@ -85,9 +90,8 @@ def test_fl_round_is_fedavg_of_the_whole_model():
         for e in range(E):
             for t in range(-(-n // B)):
                 rows = parts[k][orders[e][:n][t * B : (t + 1) * B]]
-                grads = jax.grad(loss_fn)(params, PRE(jnp.asarray(images[rows])), labels[rows])
-                updates, opt = tx.update(grads, opt, params)
-                params = optax.apply_updates(params, updates)
+                x = PRE(jnp.asarray(images[rows]))
+                params, opt = sgd_step(params, opt, x, jnp.asarray(labels[rows]))
         finals.append(params)
         sizes.append(n)
     rho = np.asarray(sizes) / np.sum(sizes)

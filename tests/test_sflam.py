@@ -6,6 +6,8 @@ uplink/downlink path with an explicit ``jax.vjp`` instead of the custom-vjp link
 SGD with momentum, and averages with ``rho_k = n_k / sum_j n_j``.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,48 @@ def _setup(sizes, cut_layer, seed=0):
     data = make_client_data(images, labels, parts, B)
     state = RoundState.create(params_c, params_s)
     return model, state, data, images, labels, parts
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _client_forward(model, pc, x, key):
+    return model.client_apply(pc, x, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _client_backward(model, pc, x, key, g):
+    _, client_vjp = jax.vjp(lambda p: model.client_apply(p, x, key), pc)
+    return client_vjp(g)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _server_grads(model, ps, a, y, key):
+    def server_loss(p, a):
+        logits = model.server_apply(p, a, key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return jax.value_and_grad(server_loss, argnums=(0, 1))(ps, a)
+
+
+@jax.jit
+def _sgd_momentum(params, mom, grads):
+    mom = jax.tree.map(lambda m, g: MOMENTUM * m + g, mom, grads)
+    return jax.tree.map(lambda p, m: p - LR * m, params, mom), mom
+
+
+def _oracle_step(model, pc, ps, mom_c, mom_s, x, y, key, up_bits, down_bits):
+    """One step of one client: explicit vjp through the quantized cut (the quantizer runs eagerly,
+    outside any jit, as the link would), SGD with momentum by hand."""
+    k_client, k_link, k_server = jax.random.split(key, 3)
+    up_key, down_key = jax.random.split(k_link)
+    smashed = _client_forward(model, pc, x, k_client)
+    received = quant.stochastic_quantize(smashed, up_bits, up_key)
+    loss, (g_s, g_a) = _server_grads(model, ps, received, y, k_server)
+    g_c = _client_backward(
+        model, pc, x, k_client, quant.stochastic_quantize(g_a, down_bits, down_key)
+    )
+    pc, mom_c = _sgd_momentum(pc, mom_c, g_c)
+    ps, mom_s = _sgd_momentum(ps, mom_s, g_s)
+    return pc, ps, mom_c, mom_s, loss
 
 
 def _oracle_round(
@@ -78,21 +122,10 @@ def _oracle_round(
             for t in range(-(-n // B)):
                 rows = parts[k][perm[t * B : (t + 1) * B]]
                 x, y = pre(jnp.asarray(images[rows])), jnp.asarray(labels[rows])
-                k_client, k_link, k_server = jax.random.split(jax.random.fold_in(step_key, step), 3)
-                up_key, down_key = jax.random.split(k_link)
-                smashed, client_vjp = jax.vjp(lambda p: model.client_apply(p, x, k_client), pc)
-                received = quant.stochastic_quantize(smashed, up_bits[i], up_key)
-
-                def server_loss(p, a):
-                    logits = model.server_apply(p, a, k_server)
-                    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-                loss, (g_s, g_a) = jax.value_and_grad(server_loss, argnums=(0, 1))(ps, received)
-                (g_c,) = client_vjp(quant.stochastic_quantize(g_a, down_bits, down_key))
-                mom_c = jax.tree.map(lambda m, g: MOMENTUM * m + g, mom_c, g_c)
-                mom_s = jax.tree.map(lambda m, g: MOMENTUM * m + g, mom_s, g_s)
-                pc = jax.tree.map(lambda p, m: p - LR * m, pc, mom_c)
-                ps = jax.tree.map(lambda p, m: p - LR * m, ps, mom_s)
+                step_key_t = jax.random.fold_in(step_key, step)
+                pc, ps, mom_c, mom_s, loss = _oracle_step(
+                    model, pc, ps, mom_c, mom_s, x, y, step_key_t, up_bits[i], down_bits
+                )
                 losses.append(float(loss) * len(rows))
                 step += 1
         finals.append((pc, ps))
