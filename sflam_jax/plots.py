@@ -117,3 +117,53 @@ def plot_accuracy(workdirs: list[str], labels: list[str], out_path: str, title: 
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out_path)
+
+
+def line_figure(
+    series: dict,
+    x_label: str,
+    y_label: str,
+    out_stem: str,
+    title: str = "",
+    log_x: bool = False,
+    log_y: bool = False,
+    note: str = "",
+):
+    """One line per label, written as ``out_stem.png`` and ``out_stem.csv`` (label, x, y rows).
+
+    Args:
+      series: ``{label: (xs, ys)}``.
+      x_label, y_label: axis labels with units.
+      out_stem: output path without extension.
+      note: a line printed under the axes (e.g. the config that made the figure).
+    """
+    import csv
+    import io
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    buffer = io.StringIO()
+    rows = csv.writer(buffer)
+    rows.writerow(["series", x_label, y_label])
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        rows.writerows([label, x, y] for x, y in zip(xs, ys, strict=True))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    if log_x:
+        ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if note:
+        fig.text(0.01, 0.005, note, fontsize=6, color="0.35", va="bottom")
+    _save(fig, out_stem + ".png")
+    tmp = out_stem + ".csv.tmp"
+    with open(tmp, "w") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, out_stem + ".csv")
