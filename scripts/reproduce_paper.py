@@ -26,7 +26,7 @@ from sflam_jax.allocation.problem import make_problem
 from sflam_jax.config import base_config, system_params
 from sflam_jax.data.batches import local_steps
 from sflam_jax.metrics import read_jsonl
-from sflam_jax.plots import line_figure, load_run
+from sflam_jax.plots import bar_figure, line_figure, load_run
 from sflam_jax.wireless.channel import draw_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,27 +187,29 @@ def main():
         note=note,
     )
     bit_rows = [metrics[f"sflam_{b}bit"][1:] for b in BITS]
+    latency = [float(np.mean([r["round_latency_s"] for r in rows])) for rows in bit_rows]
+    energy = [float(np.mean([r["round_energy_j"] for r in rows])) for rows in bit_rows]
+    accuracy = [run[f"sflam_{b}bit"]["test_accuracy"][-1] for b in BITS]
     line_figure(
         {
-            "round latency (s)": (
+            f"round latency (32 bits: {latency[0]:.3g} s)": (
                 list(BITS),
-                [float(np.mean([r["round_latency_s"] for r in rows])) for rows in bit_rows],
+                [v / latency[0] for v in latency],
             ),
-            "round energy (J)": (
+            f"round energy (32 bits: {energy[0]:.3g} J)": (
                 list(BITS),
-                [float(np.mean([r["round_energy_j"] for r in rows])) for rows in bit_rows],
+                [v / energy[0] for v in energy],
             ),
-            "final accuracy": (
+            f"final accuracy (32 bits: {accuracy[0]:.3f})": (
                 list(BITS),
-                [run[f"sflam_{b}bit"]["test_accuracy"][-1] for b in BITS],
+                [v / accuracy[0] for v in accuracy],
             ),
         },
         "cut-layer bits",
-        "value (see legend)",
+        "relative to 32 bits",
         stem("f7_bits"),
         "F7: latency, energy and accuracy against cut-layer bits",
         log_x=True,
-        log_y=True,
         note=note,
     )
 
@@ -323,13 +325,11 @@ def main():
         "SFLAM / SFL / SFL-V2 / SL (client segment)": system["sflam_device_memory_mib"],
         "FL (whole model)": system["fl_device_memory_mib"],
     }
-    line_figure(
-        {k: ([0], [v]) for k, v in memory.items()},
-        "(one point per protocol)",
+    bar_figure(
+        memory,
         "device training memory (MiB)",
         stem("f10_device_memory"),
         "F10: device memory per protocol",
-        log_y=True,
         note=note,
     )
 
@@ -361,7 +361,8 @@ def write_results(out: str, note: str, runs: dict, seconds: float) -> None:
     lines = [
         "# Reproduced figures",
         "",
-        f"Made by `python scripts/reproduce_paper.py` in {seconds / 60:.1f} min ({note}).",
+        f"Made by `python scripts/reproduce_paper.py`; this invocation took {seconds / 60:.1f} min "
+        f"(finished training runs are reused, not retrained) ({note}).",
         f"Training runs: {', '.join(runs)} (configs in `runs/<name>/config.json`).",
         "",
     ]

@@ -119,6 +119,37 @@ def plot_accuracy(workdirs: list[str], labels: list[str], out_path: str, title: 
     os.replace(tmp, out_path)
 
 
+def _note(fig, note: str) -> None:
+    """A small grey line under the axes (space reserved by the layout engine)."""
+    if note:
+        fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))
+        fig.text(0.01, 0.005, note, fontsize=6, color="0.35", va="bottom")
+
+
+def bar_figure(values: dict, y_label: str, out_stem: str, title: str = "", note: str = ""):
+    """One bar per label (log scale), written as ``out_stem.png`` and ``out_stem.csv``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    labels = list(values)
+    bars = ax.bar(range(len(labels)), [values[k] for k in labels], color="C0")
+    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel(y_label)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, axis="y", which="both")
+    if title:
+        ax.set_title(title, fontsize=10)
+    _note(fig, note)
+    _save(fig, out_stem + ".png")
+    tmp = out_stem + ".csv.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"protocol,{y_label}\n")
+        f.writelines(f'"{k}",{v}\n' for k, v in values.items())
+    os.replace(tmp, out_stem + ".csv")
+
+
 def line_figure(
     series: dict,
     x_label: str,
@@ -160,8 +191,7 @@ def line_figure(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    if note:
-        fig.text(0.01, 0.005, note, fontsize=6, color="0.35", va="bottom")
+    _note(fig, note)
     _save(fig, out_stem + ".png")
     tmp = out_stem + ".csv.tmp"
     with open(tmp, "w") as f:
