@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from sflam_jax.metrics import read_jsonl
+from sflam_jax.metrics import atomic_write_text, read_jsonl
 
 
 def load_run(workdir: str) -> dict[str, list]:
@@ -126,6 +126,20 @@ def _note(fig, note: str) -> None:
         fig.text(0.01, 0.005, note, fontsize=6, color="0.35", va="bottom")
 
 
+def _finish(fig, ax, out_stem: str, title: str, note: str, rows: list) -> None:
+    """Title and note, then ``out_stem.png`` and the plotted values as ``out_stem.csv``."""
+    import csv
+    import io
+
+    if title:
+        ax.set_title(title, fontsize=10)
+    _note(fig, note)
+    _save(fig, out_stem + ".png")
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    atomic_write_text(out_stem + ".csv", buffer.getvalue())
+
+
 def bar_figure(values: dict, y_label: str, out_stem: str, title: str = "", note: str = ""):
     """One bar per label (log scale), written as ``out_stem.png`` and ``out_stem.csv``."""
     from matplotlib.figure import Figure
@@ -139,15 +153,7 @@ def bar_figure(values: dict, y_label: str, out_stem: str, title: str = "", note:
     ax.set_ylabel(y_label)
     ax.set_yscale("log")
     ax.grid(alpha=0.3, axis="y", which="both")
-    if title:
-        ax.set_title(title, fontsize=10)
-    _note(fig, note)
-    _save(fig, out_stem + ".png")
-    tmp = out_stem + ".csv.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"protocol,{y_label}\n")
-        f.writelines(f'"{k}",{v}\n' for k, v in values.items())
-    os.replace(tmp, out_stem + ".csv")
+    _finish(fig, ax, out_stem, title, note, [["protocol", y_label], *values.items()])
 
 
 def line_figure(
@@ -168,19 +174,14 @@ def line_figure(
       out_stem: output path without extension.
       note: a line printed under the axes (e.g. the config that made the figure).
     """
-    import csv
-    import io
-
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
-    buffer = io.StringIO()
-    rows = csv.writer(buffer)
-    rows.writerow(["series", x_label, y_label])
+    rows = [["series", x_label, y_label]]
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        rows.writerows([label, x, y] for x, y in zip(xs, ys, strict=True))
+        rows.extend([label, x, y] for x, y in zip(xs, ys, strict=True))
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     if log_x:
@@ -189,11 +190,4 @@ def line_figure(
         ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    _note(fig, note)
-    _save(fig, out_stem + ".png")
-    tmp = out_stem + ".csv.tmp"
-    with open(tmp, "w") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, out_stem + ".csv")
+    _finish(fig, ax, out_stem, title, note, rows)

@@ -149,6 +149,12 @@ def check_health(health, clients, round_index: int) -> None:
     )
 
 
+def average_or_keep(totals, weight: jax.Array, old):
+    """``totals / weight`` leaf by leaf, or ``old`` when the weight is 0 (a round whose sampled
+    clients hold no samples leaves the global model as it was)."""
+    return jax.tree.map(lambda t, o: jnp.where(weight > 0, t / weight, o), totals, old)
+
+
 def weighted_sum(trees, weights: jax.Array):
     """``sum_k weights[k] * tree_k`` over the leading axis of stacked trees."""
     return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), trees)

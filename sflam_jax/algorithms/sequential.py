@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sflam_jax.algorithms.base import RoundState, finite_per_client
+from sflam_jax.algorithms.base import RoundState, average_or_keep, finite_per_client
 from sflam_jax.algorithms.sflam import SFLAM
 from sflam_jax.data.batches import ClientData, epoch_orders, local_steps
 
@@ -92,14 +92,9 @@ class SequentialServer(SFLAM):
         )
         (last_c, params_s, _, sum_c, stats), health = jax.lax.scan(client_body, init, flat)
         weight = jnp.sum(flat["counts"]).astype(jnp.float32)
-        if self.relay_client:
-            params_c = last_c
-        else:
-            params_c = jax.tree.map(
-                lambda total, old: jnp.where(weight > 0, total / weight, old),
-                sum_c,
-                state.params_c,
-            )
+        # SL hands on the last device's segment; SFL-V2 averages the devices' segments.
+        averaged = average_or_keep(sum_c, weight, state.params_c)
+        params_c = last_c if self.relay_client else averaged
         return self.finish_round(
             state, system, params_c, params_s, stats, flat["clients"], health.T
         )

@@ -29,6 +29,7 @@ from sflam_jax.algorithms.base import (
     HEALTH,
     Preprocess,
     RoundState,
+    average_or_keep,
     finite_per_client,
     masked_cross_entropy,
     sample_clients,
@@ -225,13 +226,11 @@ class SFLAM:
         init = (zeros(state.params_c), zeros(state.params_s), jnp.zeros((3,), jnp.float32))
         (sum_c, sum_s, stats), health = jax.lax.scan(chunk_body, init, plan)
         weight = jnp.sum(plan["counts"]).astype(jnp.float32)
-        # A round whose sampled clients hold no samples leaves the global model as it was.
-        average = lambda total, old: jnp.where(weight > 0, total / weight, old)  # noqa: E731
         return self.finish_round(
             state,
             system,
-            jax.tree.map(average, sum_c, state.params_c),
-            jax.tree.map(average, sum_s, state.params_s),
+            average_or_keep(sum_c, weight, state.params_c),
+            average_or_keep(sum_s, weight, state.params_s),
             stats,
             plan["clients"].reshape(-1),
             # [3, S]: finite loss, client segment and server copy of each sampled client.
