@@ -33,6 +33,18 @@ RUN_CONTROL_FIELDS = frozenset(
         "checkpoint.max_to_keep",
         "metrics.tensorboard",
         "metrics.progress",
+        # Placement: a run may resume on another mesh or number of processes (the numbers agree
+        # to float rounding, the order of FedAvg's sums being the only difference).
+        "train.stream",
+        "train.chunks_per_block",
+        "sharding.clients",
+        "sharding.model",
+        "sharding.rules",
+        "distributed.enabled",
+        "distributed.coordinator_address",
+        "distributed.num_processes",
+        "distributed.process_id",
+        "distributed.cpu_collectives",
     }
 )
 
@@ -84,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.local_epochs = 1  # E
     c.train.batch_size = 32  # B
     c.train.chunk_size = 0  # clients vmapped at once; 0 = all S
+    # Keep the clients' samples on the host and stream them to the devices chunks_per_block chunks
+    # at a time (large populations; always on with several processes).
+    c.train.stream = False
+    c.train.chunks_per_block = 8
     c.train.eval_batch_size = 500
 
     c.optimizer = ml_collections.ConfigDict()
@@ -117,6 +133,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.allocation.eps_q = 0.5  # budget on sum_k rho_k delta(b_k)
     c.allocation.value_range = 10.0  # assumed max - min of a sample's smashed data in delta(b)
     c.allocation.pgd_steps = 1500
+
+    c.sharding = ml_collections.ConfigDict()  # see sflam_jax/sharding.py
+    c.sharding.clients = 0  # devices on the mesh's "clients" axis; 0 = all not on "model"
+    c.sharding.model = 1  # devices on the "model" axis (server segment split by the rules)
+    # (logical axis of models.vit.logical_axes, mesh axis or None); unnamed axes are replicated.
+    c.sharding.rules = (("heads", "model"), ("mlp", "model"))
+
+    c.distributed = ml_collections.ConfigDict()  # jax.distributed, for several processes
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ""  # "host:port"; "" = from the cluster / environment
+    c.distributed.num_processes = 0  # 0 = from the cluster / environment
+    c.distributed.process_id = -1  # -1 = from the cluster / environment
+    c.distributed.cpu_collectives = "gloo"  # CPU backend only
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 5  # rounds between checkpoints (the last round is always saved)
@@ -255,6 +284,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"must be <= train.clients_per_round={cfg.train.clients_per_round} (0 = all at once)",
         )
     _int_in(cfg, "train.eval_batch_size", 1)
+    _int_in(cfg, "train.chunks_per_block", 1)
+    if (cfg.train.stream or cfg.distributed.enabled) and cfg.algorithm in ("sfl_v2", "sl"):
+        _fail(
+            "algorithm",
+            cfg.algorithm,
+            "train.stream and distributed runs need an SFL-V1-family protocol "
+            "('sflam', 'sfl', 'fl'); SFL-V2 and SL serve their clients one after another",
+        )
+    _int_in(cfg, "sharding.clients", 0)
+    _int_in(cfg, "sharding.model", 1)
+    for rule in cfg.sharding.rules:
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            _fail("sharding.rules", cfg.sharding.rules, "must be (logical axis, mesh axis) pairs")
+        if rule[1] not in ("clients", "model", None, ""):
+            _fail("sharding.rules", cfg.sharding.rules, "mesh axes are 'model', 'clients' or None")
+    _int_in(cfg, "distributed.num_processes", 0)
+    _int_in(cfg, "distributed.process_id", -1)
+    _choice(cfg, "distributed.cpu_collectives", ("gloo", "mpi"))
     _choice(cfg, "optimizer.name", ("sgd", "adam", "adamw"))
     _positive(cfg, "optimizer.learning_rate")
     if not 0 <= cfg.optimizer.momentum < 1:

@@ -10,8 +10,8 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from tqdm.auto import tqdm
 
 from sflam_jax import quant
@@ -25,6 +25,7 @@ from sflam_jax.algorithms.base import (
 )
 from sflam_jax.algorithms.sequential import SequentialServer
 from sflam_jax.algorithms.sflam import SFLAM
+from sflam_jax.algorithms.streaming import StreamedRound, owned_clients
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.planner import RoundPlanner
 from sflam_jax.checkpoint import Checkpointer
@@ -36,13 +37,14 @@ from sflam_jax.config import (
     validate_data,
     validate_partition,
 )
-from sflam_jax.data.batches import make_client_data
+from sflam_jax.data.batches import HostClients, make_client_data
 from sflam_jax.data.datasets import Dataset, load_dataset
 from sflam_jax.data.partition import partition
 from sflam_jax.errors import ConfigError
 from sflam_jax.metrics import MetricWriter, atomic_write_text, read_jsonl, to_python
 from sflam_jax.models import pretrained, vit
 from sflam_jax.models import split as split_lib
+from sflam_jax.sharding import Layout, initialize_distributed
 from sflam_jax.wireless.costs import Workload, device_memory_bytes
 
 
@@ -100,7 +102,7 @@ def cut_bits(config) -> tuple[int, int]:
     return quant.FLOAT_BITS, quant.FLOAT_BITS
 
 
-def build_algorithm(config, model, preprocess, planner):
+def build_algorithm(config, model, preprocess, planner, layout=None):
     """The protocol of ``config.algorithm`` (SPEC section 1).
 
     ``sflam``, ``sfl`` and ``fl`` are the vmapped SFL-V1 round: ``sfl`` with float cut-layer
@@ -119,6 +121,7 @@ def build_algorithm(config, model, preprocess, planner):
         down_bits=cut_bits(config)[1],
         chunk_size=config.train.chunk_size,
         planner=planner,
+        layout=layout,
     )
     if config.algorithm in ("sfl_v2", "sl"):
         return SequentialServer(**common, relay_client=config.algorithm == "sl")
@@ -228,9 +231,111 @@ def discard_outputs(workdir: str) -> None:
             os.remove(path)
 
 
+def round_key(seed, r) -> jax.Array:
+    """The key of round ``r`` (0-based): ``fold_in(run_key, r)``, traced inside the jitted round
+    so every process derives it from the same two integers."""
+    _, run_key = jax.random.split(jax.random.key(seed))
+    return jax.random.fold_in(run_key, r)
+
+
+def make_round(config, algorithm, state_shardings, dataset: Dataset, parts):
+    """``round_fn(state, r) -> (state, metrics)``: the jitted round over a device-resident client
+    table, or with ``train.stream`` (always with several processes) the host-streamed round over
+    this process's clients."""
+    up_bits = cut_bits(config)[0]
+    layout = algorithm.layout
+    key_of = functools.partial(round_key, config.seed)
+    if config.train.stream or jax.process_count() > 1:
+        host = HostClients.create(
+            dataset.train_images,
+            dataset.train_labels,
+            parts,
+            config.train.batch_size,
+            owned=owned_clients(len(parts), jax.process_count(), jax.process_index()),
+        )
+        streamed = StreamedRound(
+            algorithm, host, config.train.chunks_per_block, up_bits, state_shardings, key_of
+        )
+        return streamed
+    client_data = layout.replicate(
+        make_client_data(dataset.train_images, dataset.train_labels, parts, config.train.batch_size)
+    )
+    jitted = jax.jit(
+        lambda state, data, r: algorithm.round(state, data, key_of(r), up_bits),
+        donate_argnums=0,
+        in_shardings=(state_shardings, layout.replicated, layout.replicated),
+        out_shardings=(state_shardings, layout.replicated),
+    )
+    return lambda state, r: jitted(state, client_data, np.int32(r))
+
+
 def evaluate_state(evaluate, state: RoundState, images, labels) -> dict:
     """Test loss and accuracy of the global model, as host values."""
     return jax.device_get(evaluate(state.params_c, state.params_s, images, labels))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """An experiment built from its config, ready to train (``build_run``).
+
+    Attributes:
+      round_fn: ``(state, r) -> (state, metrics)``, round ``r`` (0-based) from ``state``.
+      initial: the state before round 1, placed on the mesh.
+      system: the workload and device-memory numbers written to ``system.json``.
+    """
+
+    config: ml_collections.ConfigDict
+    dataset: Dataset
+    parts: list
+    model: split_lib.SplitModel
+    preprocess: Preprocess
+    algorithm: SFLAM
+    layout: Layout
+    state_shardings: RoundState
+    initial: RoundState
+    round_fn: object
+    system: dict
+
+
+def build_run(config: ml_collections.ConfigDict) -> Run:
+    """Data, partition, model split, mesh, initial state and the jitted round of ``config``
+    (validated here; ``jax.distributed`` must already be started for a multi-process run)."""
+    validate(config)
+    dataset = load_dataset(config.data)
+    validate_data(config, dataset.image_shape, len(dataset.train_labels))
+    parts = partition(dataset.train_labels, config.data, config.seed)
+    validate_partition(config, [len(p) for p in parts])
+
+    init_key, _ = jax.random.split(jax.random.key(config.seed))
+    model_cfg, model, params, preprocess = build_model(config, dataset, init_key)
+    initial = initial_state(model_cfg, config.model.cut_layer, params)
+    layout = Layout.from_config(config.sharding)
+    state_shardings = layout.state_shardings(initial)
+    initial = layout.place(initial, state_shardings)
+    algorithm = build_algorithm(
+        config,
+        model,
+        preprocess,
+        build_planner(config, model_cfg, initial.params_c, initial.params_s),
+        layout,
+    )
+    system = {
+        **dataclasses.asdict(algorithm.planner.workload),
+        **device_memory(config, model_cfg, initial.params_c, initial.params_s),
+    }
+    return Run(
+        config=config,
+        dataset=dataset,
+        parts=parts,
+        model=model,
+        preprocess=preprocess,
+        algorithm=algorithm,
+        layout=layout,
+        state_shardings=state_shardings,
+        initial=initial,
+        round_fn=make_round(config, algorithm, state_shardings, dataset, parts),
+        system=system,
+    )
 
 
 def train_and_evaluate(
@@ -253,33 +358,16 @@ def train_and_evaluate(
       NonFiniteError: a round produced a non-finite loss or parameter (round and client named).
     """
     validate(config)
-    if fresh:
+    initialize_distributed(config.distributed)
+    primary = jax.process_index() == 0
+    if fresh and primary:
         discard_outputs(workdir)
     os.makedirs(workdir, exist_ok=True)
 
-    dataset = load_dataset(config.data)
-    validate_data(config, dataset.image_shape, len(dataset.train_labels))
-    parts = partition(dataset.train_labels, config.data, config.seed)
-    validate_partition(config, [len(p) for p in parts])
-
-    init_key, run_key = jax.random.split(jax.random.key(config.seed))
-    model_cfg, model, params, preprocess = build_model(config, dataset, init_key)
-    initial = initial_state(model_cfg, config.model.cut_layer, params)
-    algorithm = build_algorithm(
-        config,
-        model,
-        preprocess,
-        build_planner(config, model_cfg, initial.params_c, initial.params_s),
-    )
-    system = {
-        **dataclasses.asdict(algorithm.planner.workload),
-        **device_memory(config, model_cfg, initial.params_c, initial.params_s),
-    }
-    client_data = make_client_data(
-        dataset.train_images, dataset.train_labels, parts, config.train.batch_size
-    )
-    test_images = jnp.asarray(dataset.test_images)
-    test_labels = jnp.asarray(dataset.test_labels)
+    run = build_run(config)
+    initial, layout, round_fn = run.initial, run.layout, run.round_fn
+    test_images = layout.replicate(run.dataset.test_images)
+    test_labels = layout.replicate(run.dataset.test_labels)
 
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -293,17 +381,29 @@ def train_and_evaluate(
         checkpointer.close()
         raise
     start = int(state.round)
-    # Written once the checkpoints are known to belong to this config.
-    atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    atomic_write_text(os.path.join(workdir, "system.json"), json.dumps(system, indent=2))
-    # Records after the restored round are dropped (those rounds run again); a run restarting from
-    # round 0 also rewrites its round-0 evaluation.
-    writer = MetricWriter(workdir, start if start else -1, config.metrics.tensorboard)
+    # Process 0 writes the run's files; the others compute alongside it.
+    writer = None
+    if primary:
+        # Written once the checkpoints are known to belong to this config.
+        atomic_write_text(
+            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+        )
+        atomic_write_text(os.path.join(workdir, "system.json"), json.dumps(run.system, indent=2))
+        # Records after the restored round are dropped (those rounds run again); a run
+        # restarting from round 0 also rewrites its round-0 evaluation.
+        writer = MetricWriter(workdir, start if start else -1, config.metrics.tensorboard)
+    write = writer.write if writer is not None else lambda *_: None
 
-    round_fn = jax.jit(
-        functools.partial(algorithm.round, up_bits=cut_bits(config)[0]), donate_argnums=0
+    evaluate = jax.jit(
+        make_evaluate(run.model, run.preprocess, config.train.eval_batch_size),
+        in_shardings=(
+            run.state_shardings.params_c,
+            run.state_shardings.params_s,
+            layout.replicated,
+            layout.replicated,
+        ),
+        out_shardings=layout.replicated,
     )
-    evaluate = jax.jit(make_evaluate(model, preprocess, config.train.eval_batch_size))
 
     previous = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     record: dict = previous[-1] if previous else {}
@@ -312,7 +412,7 @@ def train_and_evaluate(
         initial=start,
         desc="SFLAM rounds",
         unit="round",
-        disable=not config.metrics.progress,
+        disable=not (config.metrics.progress and primary),
         dynamic_ncols=True,
     )
     last_eval = {}
@@ -322,10 +422,10 @@ def train_and_evaluate(
             # Round 0: the starting model (the checkpoint's accuracy when fine-tuning).
             last_eval = evaluate_state(evaluate, state, test_images, test_labels)
             record = {"round": 0, **last_eval}
-            writer.write(record, {"eval_s": time.perf_counter() - t_start, "elapsed_s": 0.0})
+            write(record, {"eval_s": time.perf_counter() - t_start, "elapsed_s": 0.0})
         for r in range(start, config.num_rounds):
             t0 = time.perf_counter()
-            state, metrics = round_fn(state, client_data, jax.random.fold_in(run_key, r))
+            state, metrics = round_fn(state, r)
             metrics = jax.device_get(metrics)
             # Stops before anything of this round is written; the last checkpoint stays good.
             check_health(metrics.pop(HEALTH), metrics["clients"], r + 1)
@@ -336,7 +436,7 @@ def train_and_evaluate(
                 last_eval = evaluate_state(evaluate, state, test_images, test_labels)
                 record.update(last_eval)
             t2 = time.perf_counter()
-            writer.write(
+            write(
                 record,
                 {"round_s": t1 - t0, "eval_s": t2 - t1, "elapsed_s": t2 - t_start},
             )
@@ -348,6 +448,7 @@ def train_and_evaluate(
             )
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         checkpointer.close()
     return to_python(record)

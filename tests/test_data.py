@@ -157,12 +157,12 @@ def test_client_batches_visit_each_sample_once_per_epoch():
     assert tau == 6
     seen = []
     for step in range(tau + 2):
-        _, y, mask = batches.client_batch(data, jnp.int32(0), jnp.int32(13), orders, step, 5)
-        rows = np.asarray(data.index[0])[np.asarray(orders[min(step // 3, 1)])]
+        rows = batches.gather_rows(data, jnp.asarray([0]))
+        one = jax.tree.map(lambda x: x[0], rows)
+        _, y, mask = batches.client_batch(one, jnp.int32(13), orders, step, 5)
         seen.append(np.asarray(y)[np.asarray(mask)])
         expected = [5, 5, 3, 5, 5, 3, 0, 0][step]
         assert int(mask.sum()) == expected
-        del rows
     first, second = np.concatenate(seen[:3]), np.concatenate(seen[3:6])
     np.testing.assert_array_equal(np.sort(first), np.sort(labels[:13]))
     np.testing.assert_array_equal(np.sort(second), np.sort(labels[:13]))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from sflam_jax.algorithms.base import RoundState, average_or_keep, finite_per_client
 from sflam_jax.algorithms.sflam import SFLAM
-from sflam_jax.data.batches import ClientData, epoch_orders, local_steps
+from sflam_jax.data.batches import ClientData, ClientRows, epoch_orders, gather_rows, local_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +28,14 @@ class SequentialServer(SFLAM):
 
     relay_client: bool = False
 
-    def train_client(self, params_c, params_s, opt_s, data: ClientData, client, count, bits, key):
+    def train_client(self, params_c, params_s, opt_s, rows: ClientRows, count, bits, key):
         """One client's ``tau_k`` local steps from ``params_c`` against the shared server.
 
         Returns ``(params_c, params_s, opt_s, stats [3])``; the device's optimizer state starts
         fresh, the server's carries on.
         """
         order_key, step_key = jax.random.split(key)
-        orders = epoch_orders(order_key, count, data.index.shape[1], self.local_epochs)
+        orders = epoch_orders(order_key, count, rows.labels.shape[0], self.local_epochs)
         carry = (
             params_c,
             params_s,
@@ -46,7 +46,7 @@ class SequentialServer(SFLAM):
         carry = jax.lax.fori_loop(
             0,
             local_steps(count, self.batch_size, self.local_epochs),
-            lambda t, c: self.client_step(c, data, client, count, orders, bits, step_key, t),
+            lambda t, c: self.client_step(c, rows, count, orders, bits, step_key, t),
             carry,
         )
         params_c, params_s, _, opt_s, stats = carry
@@ -54,8 +54,7 @@ class SequentialServer(SFLAM):
 
     def round(self, state: RoundState, data: ClientData, key: jax.Array, up_bits=32):
         """One SFL-V2 or SL round; arguments and metrics as ``SFLAM.round``."""
-        plan, system = self.round_plan(data, key, up_bits)
-        flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), plan)
+        plan, system = self.round_plan(data.counts, key, up_bits)
 
         def client_body(carry, client):
             params_c, params_s, opt_s, sum_c, stats = carry
@@ -64,8 +63,7 @@ class SequentialServer(SFLAM):
                 start_c,
                 params_s,
                 opt_s,
-                data,
-                client["clients"],
+                jax.tree.map(lambda x: x[0], gather_rows(data, client["clients"][None])),
                 client["counts"],
                 client["up_bits"],
                 client["keys"],
@@ -90,11 +88,11 @@ class SequentialServer(SFLAM):
             zeros,
             jnp.zeros((3,), jnp.float32),
         )
-        (last_c, params_s, _, sum_c, stats), health = jax.lax.scan(client_body, init, flat)
-        weight = jnp.sum(flat["counts"]).astype(jnp.float32)
+        (last_c, params_s, _, sum_c, stats), health = jax.lax.scan(client_body, init, plan)
+        weight = jnp.sum(plan["counts"]).astype(jnp.float32)
         # SL hands on the last device's segment; SFL-V2 averages the devices' segments.
         averaged = average_or_keep(sum_c, weight, state.params_c)
         params_c = last_c if self.relay_client else averaged
         return self.finish_round(
-            state, system, params_c, params_s, stats, flat["clients"], health.T
+            state, system, params_c, params_s, stats, plan["clients"], health.T
         )

@@ -13,12 +13,21 @@ Clients run under ``jax.vmap``; with ``chunk_size = C`` they are processed C at 
 ``lax.scan`` that carries only the running weighted sums, so memory holds C client copies however
 large S is. The step loop of a chunk stops at the largest ``tau_k`` inside it; clients that are done
 earlier keep their parameters (masked update).
+
+The round is three pieces: ``round_plan`` (sampling and resource allocation, ``[S]`` arrays in
+sampling order), ``accumulate`` (train chunks of clients and add their weighted segments to the
+running sums) and ``finish_round``. ``round`` runs them in one jitted program on a device-resident
+client table; ``algorithms.streaming`` drives the same pieces from the host, one block of chunks
+per call, for data that lives on the host or across processes. With a ``layout``
+(``sflam_jax.sharding``) the chunk's client axis is split over the mesh's ``clients`` axis and
+the server copies follow the logical-axis rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +44,14 @@ from sflam_jax.algorithms.base import (
     sample_clients,
     weighted_sum,
 )
-from sflam_jax.data.batches import ClientData, client_batch, epoch_orders, local_steps
+from sflam_jax.data.batches import (
+    ClientData,
+    ClientRows,
+    client_batch,
+    epoch_orders,
+    gather_rows,
+    local_steps,
+)
 from sflam_jax.models.split import SplitModel
 
 # fold_in constant of the round key's system-model stream (channel draws), apart from the
@@ -58,6 +74,8 @@ class SFLAM:
       chunk_size: clients vmapped at once (0: all S at once).
       planner: per-round resource planning (channel, allocation, costs); None skips the system
         model and uses the ``up_bits`` given to ``round``.
+      layout: ``sharding.Layout`` placing the client axis and the server segment on a mesh; None
+        leaves placement to XLA (one device).
     """
 
     model: SplitModel
@@ -69,10 +87,13 @@ class SFLAM:
     down_bits: int = 32
     chunk_size: int = 0
     planner: Callable | None = None
+    layout: Any = None
 
     @property
     def chunk(self) -> int:
-        return self.chunk_size or self.clients_per_round
+        """Clients per chunk, rounded up to a multiple of the mesh's ``clients`` axis."""
+        multiple = self.layout.client_shards if self.layout is not None else 1
+        return -(-(self.chunk_size or self.clients_per_round) // multiple) * multiple
 
     @property
     def num_chunks(self) -> int:
@@ -93,10 +114,10 @@ class SFLAM:
         loss, total, correct = masked_cross_entropy(logits, labels, mask)
         return loss, (total, correct)
 
-    def client_step(self, carry, data: ClientData, client, count, orders, up_bits, key, step):
+    def client_step(self, carry, rows: ClientRows, count, orders, up_bits, key, step):
         """One local step of one client and its server copy; a step with no samples is a no-op."""
         params_c, params_s, opt_c, opt_s, stats = carry
-        images, labels, mask = client_batch(data, client, count, orders, step, self.batch_size)
+        images, labels, mask = client_batch(rows, count, orders, step, self.batch_size)
         grad_fn = jax.value_and_grad(self.client_loss, argnums=(0, 1), has_aux=True)
         (_, (total, correct)), (g_c, g_s) = grad_fn(
             params_c, params_s, images, labels, mask, up_bits, jax.random.fold_in(key, step)
@@ -117,13 +138,12 @@ class SFLAM:
 
     # -- a chunk of clients -----------------------------------------------------------------
 
-    def train_chunk(self, state: RoundState, data: ClientData, clients, counts, up_bits, keys):
+    def train_chunk(self, state: RoundState, rows: ClientRows, counts, up_bits, keys):
         """Local training of C clients from the global model; returns their stacked results.
 
         Args:
           state: the round's global model.
-          data: the client table.
-          clients: ``[C]`` client ids.
+          rows: ``[C, L, ...]`` the clients' padded samples.
           counts: ``[C]`` samples of each (0 for padding slots).
           up_bits: ``[C]`` uplink bits.
           keys: ``[C]`` per-client keys.
@@ -132,14 +152,18 @@ class SFLAM:
           ``(params_c [C, ...], params_s [C, ...], stats [C, 3])`` with stats (summed loss,
           correct, samples seen).
         """
-        width = data.index.shape[1]
+        width = rows.labels.shape[1]
         order_keys, step_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
         orders = jax.vmap(lambda k, n: epoch_orders(k, n, width, self.local_epochs))(
             order_keys, counts
         )
-        c = clients.shape[0]
+        c = counts.shape[0]
         stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (c, *x.shape)), tree)  # noqa: E731
         params_c, params_s = stack(state.params_c), stack(state.params_s)
+        if self.layout is not None:
+            params_c = self.layout.stacked(params_c, server=False)
+            params_s = self.layout.stacked(params_s, server=True)
+            rows = self.layout.client_major(rows)
         carry = (
             params_c,
             params_s,
@@ -147,46 +171,127 @@ class SFLAM:
             jax.vmap(self.optimizer.init)(params_s),
             jnp.zeros((c, 3), jnp.float32),
         )
-        step_fn = jax.vmap(self.client_step, in_axes=(0, None, 0, 0, 0, 0, 0, None))
+        step_fn = jax.vmap(self.client_step, in_axes=(0, 0, 0, 0, 0, 0, None))
         num_steps = jnp.max(local_steps(counts, self.batch_size, self.local_epochs))
         carry = jax.lax.fori_loop(
             0,
             num_steps,
-            lambda t, carry: step_fn(carry, data, clients, counts, orders, up_bits, step_keys, t),
+            lambda t, carry: step_fn(carry, rows, counts, orders, up_bits, step_keys, t),
             carry,
         )
         return carry[0], carry[1], carry[4]
 
     # -- the round --------------------------------------------------------------------------
 
-    def round_plan(self, data: ClientData, key: jax.Array, up_bits):
-        """Which clients train this round and with which bits, padded to whole chunks.
+    def round_plan(self, counts: jax.Array, key: jax.Array, up_bits):
+        """Which clients train this round and with which bits, in sampling order.
 
-        Returns ``({"clients", "counts", "up_bits", "keys"} each [num_chunks, C], system metrics)``;
-        with a planner, the bits come from its allocation for the sampled clients.
+        Args:
+          counts: ``[K]`` samples of every client.
+          key: the round's key.
+          up_bits: the uplink bits when there is no planner (scalar or ``[S]``).
+
+        Returns:
+          ``({"clients", "counts", "up_bits", "keys"} each [S], system metrics)``; with a
+          planner the bits come from its allocation for the sampled clients.
         """
         sample_key, train_key = jax.random.split(key)
-        s, total = self.clients_per_round, self.num_chunks * self.chunk
-        clients = sample_clients(sample_key, data.num_clients, s)
+        s = self.clients_per_round
+        clients = sample_clients(sample_key, counts.shape[0], s)
         bits = jnp.broadcast_to(jnp.asarray(up_bits, jnp.float32), (s,))
         system = {}
         if self.planner is not None:
-            counts = data.counts[clients]
-            steps = local_steps(counts, self.batch_size, self.local_epochs)
-            bits, system = self.planner(jax.random.fold_in(key, _SYSTEM_STREAM), steps, counts)
-        pad = total - s
-        clients = jnp.concatenate([clients, jnp.zeros((pad,), jnp.int32)])
-        counts = jnp.where(jnp.arange(total) < s, data.counts[clients], 0)
-        bits = jnp.concatenate([bits, jnp.full((pad,), quant.FLOAT_BITS, jnp.float32)])
-        keys = jax.vmap(lambda c: jax.random.fold_in(train_key, c))(clients)
-        shape = (self.num_chunks, self.chunk)
+            steps = local_steps(counts[clients], self.batch_size, self.local_epochs)
+            bits, system = self.planner(
+                jax.random.fold_in(key, _SYSTEM_STREAM), steps, counts[clients]
+            )
         plan = {
-            "clients": clients.reshape(shape),
-            "counts": counts.reshape(shape),
-            "up_bits": bits.reshape(shape),
-            "keys": keys.reshape(shape),
+            "clients": clients,
+            "counts": counts[clients],
+            "up_bits": bits.astype(jnp.float32),
+            "keys": jax.vmap(lambda c: jax.random.fold_in(train_key, c))(clients),
         }
         return plan, system
+
+    def in_chunks(self, plan: dict, slots: jax.Array) -> dict:
+        """The plan laid out in slots ``[num_chunks, C]``.
+
+        Args:
+          plan: ``[S]`` arrays from ``round_plan``.
+          slots: ``[num_chunks, C]`` int, the sampled client (its position in ``plan``) of each
+            slot; -1 for an empty slot (count 0, float bits, never trained).
+        """
+        taken = slots >= 0
+        pick = lambda x: jnp.where(taken, x[jnp.maximum(slots, 0)], 0)  # noqa: E731
+        out = {
+            "clients": pick(plan["clients"]),
+            "counts": pick(plan["counts"]),
+            "up_bits": jnp.where(
+                taken, plan["up_bits"][jnp.maximum(slots, 0)], float(quant.FLOAT_BITS)
+            ),
+        }
+        out["keys"] = plan["keys"][jnp.maximum(slots, 0)]
+        return out
+
+    def natural_slots(self) -> jax.Array:
+        """``[num_chunks, C]`` slots holding the S sampled clients in order, then empty ones."""
+        total = self.num_chunks * self.chunk
+        s = jnp.arange(total)
+        return jnp.where(s < self.clients_per_round, s, -1).reshape(self.num_chunks, self.chunk)
+
+    def empty_sums(self, state: RoundState):
+        """The running sums ``accumulate`` adds to: the data-weighted segments, ``[3]`` stats and
+        the total weight ``sum_k n_k``."""
+        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+        return (
+            zeros(state.params_c),
+            zeros(state.params_s),
+            jnp.zeros((3,), jnp.float32),
+            jnp.zeros((), jnp.float32),
+        )
+
+    def accumulate(self, state: RoundState, sums, chunks: dict, rows_of: Callable):
+        """Trains the chunks ``[n, C]`` of ``chunks`` and adds them to ``sums``.
+
+        Args:
+          state: the round's global model.
+          sums: from ``empty_sums`` or a previous call.
+          chunks: ``{"clients", "counts", "up_bits", "keys"}`` each ``[n, C]``, plus whatever
+            ``rows_of`` reads.
+          rows_of: chunk -> ``ClientRows [C, L, ...]``, its clients' samples.
+
+        Returns:
+          ``(sums, health [n, 3, C])`` with the finite flags of every slot.
+        """
+
+        def chunk_body(acc, chunk):
+            params_c, params_s, stats = self.train_chunk(
+                state, rows_of(chunk), chunk["counts"], chunk["up_bits"], chunk["keys"]
+            )
+            w = chunk["counts"].astype(jnp.float32)
+            acc_c, acc_s, acc_stats, acc_w = acc
+            acc_c = jax.tree.map(jnp.add, acc_c, weighted_sum(params_c, w))
+            acc_s = jax.tree.map(jnp.add, acc_s, weighted_sum(params_s, w))
+            health = jnp.stack(
+                [
+                    jnp.isfinite(stats[:, 0]),
+                    finite_per_client(params_c),
+                    finite_per_client(params_s),
+                ]
+            )
+            return (acc_c, acc_s, acc_stats + jnp.sum(stats, axis=0), acc_w + jnp.sum(w)), health
+
+        return jax.lax.scan(chunk_body, sums, chunks)
+
+    def average(self, state: RoundState, sums) -> tuple[dict, dict, jax.Array]:
+        """FedAvg from the running sums (``rho_k = n_k / sum_j n_j``); returns the segments and
+        the round's ``[3]`` stats."""
+        sum_c, sum_s, stats, weight = sums
+        return (
+            average_or_keep(sum_c, weight, state.params_c),
+            average_or_keep(sum_s, weight, state.params_s),
+            stats,
+        )
 
     def round(self, state: RoundState, data: ClientData, key: jax.Array, up_bits=32):
         """One SFLAM round (SPEC section 1, SFL-V1).
@@ -203,39 +308,15 @@ class SFLAM:
           ids ``[S]``), ``HEALTH`` (``[3, S]`` finite flags, see ``base.check_health``) and, with a
           planner, its metrics plus the running ``sim_time_s`` and ``sim_energy_j``.
         """
-        plan, system = self.round_plan(data, key, up_bits)
-
-        def chunk_body(acc, chunk):
-            params_c, params_s, stats = self.train_chunk(
-                state, data, chunk["clients"], chunk["counts"], chunk["up_bits"], chunk["keys"]
-            )
-            w = chunk["counts"].astype(jnp.float32)
-            acc_c, acc_s, acc_stats = acc
-            acc_c = jax.tree.map(jnp.add, acc_c, weighted_sum(params_c, w))
-            acc_s = jax.tree.map(jnp.add, acc_s, weighted_sum(params_s, w))
-            health = jnp.stack(
-                [
-                    jnp.isfinite(stats[:, 0]),
-                    finite_per_client(params_c),
-                    finite_per_client(params_s),
-                ]
-            )
-            return (acc_c, acc_s, acc_stats + jnp.sum(stats, axis=0)), health
-
-        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
-        init = (zeros(state.params_c), zeros(state.params_s), jnp.zeros((3,), jnp.float32))
-        (sum_c, sum_s, stats), health = jax.lax.scan(chunk_body, init, plan)
-        weight = jnp.sum(plan["counts"]).astype(jnp.float32)
-        return self.finish_round(
-            state,
-            system,
-            average_or_keep(sum_c, weight, state.params_c),
-            average_or_keep(sum_s, weight, state.params_s),
-            stats,
-            plan["clients"].reshape(-1),
-            # [3, S]: finite loss, client segment and server copy of each sampled client.
-            jnp.moveaxis(health, 1, 0).reshape(3, -1),
+        plan, system = self.round_plan(data.counts, key, up_bits)
+        chunks = self.in_chunks(plan, self.natural_slots())
+        sums, health = self.accumulate(
+            state, self.empty_sums(state), chunks, lambda c: gather_rows(data, c["clients"])
         )
+        params_c, params_s, stats = self.average(state, sums)
+        # [3, S]: finite loss, client segment and server copy of each sampled client.
+        health = jnp.moveaxis(health, 1, 0).reshape(3, -1)
+        return self.finish_round(state, system, params_c, params_s, stats, plan["clients"], health)
 
     def finish_round(self, state, system, params_c, params_s, stats, clients, health):
         """The new state and the round's metrics (shared by every protocol).
@@ -245,8 +326,8 @@ class SFLAM:
           system: the planner's metrics (empty without a planner).
           params_c, params_s: the new global segments.
           stats: ``[3]`` summed loss, correct predictions, samples.
-          clients: ``[>= S]`` client ids in sampling order (padding after the first S).
-          health: ``[3, >= S]`` finite flags in the same order.
+          clients: ``[S]`` client ids in sampling order.
+          health: ``[3, >= S]`` finite flags in the same order (padding after the first S).
         """
         s = self.clients_per_round
         sim_time = state.sim_time_s + system.get("round_latency_s", 0.0)

@@ -1,12 +1,19 @@
-"""Per-client batches built inside the jitted round from a device-resident client table.
+"""Per-client batches built inside the jitted round from a client table.
 
-The training images stay on the device once; a round only gathers the indices its sampled clients
-need. Clients own different numbers of samples, so each client's rows are padded to a common length
-and every batch carries a mask: a partial last batch masks its tail, and a step past a client's
-``tau_k`` is masked whole (the protocols skip its update).
+Two places hold the training data. ``ClientData`` keeps every image on the device once and a round
+gathers the rows of a chunk of sampled clients (``gather_rows``) inside the jitted round. For large
+populations or several processes the host keeps the table instead (``HostClients``) and streams
+each block of chunks to the devices (``HostClients.rows``), so device memory holds one block
+however many clients there are, and a process holds only its own clients' samples.
+
+Clients own different numbers of samples, so each client's rows are padded to a common length
+``L`` and every batch carries a mask: a partial last batch masks its tail, and a step past a
+client's ``tau_k`` is masked whole (the protocols skip its update).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.struct
 import jax
@@ -35,6 +42,91 @@ class ClientData:
     @property
     def num_clients(self) -> int:
         return self.index.shape[0]
+
+
+@flax.struct.dataclass
+class ClientRows:
+    """The padded samples of a group of clients (or, sliced, of one client).
+
+    Attributes:
+      images: ``[..., L, H, W, C]`` uint8, client c's samples in its first ``counts[c]`` rows.
+      labels: ``[..., L]`` int32.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+
+
+def gather_rows(data: ClientData, clients: jax.Array) -> ClientRows:
+    """The rows of ``clients`` (``[C]`` ids) from the device table: ``[C, L, ...]``."""
+    rows = data.index[clients]
+    return ClientRows(images=data.images[rows], labels=data.labels[rows])
+
+
+@dataclasses.dataclass
+class HostClients:
+    """The client table on the host, holding only the samples of the ``owned`` clients.
+
+    Attributes:
+      index: ``[K, L]`` dataset positions of every client's samples (as ``ClientData.index``).
+      counts: ``[K]`` samples per client.
+      owned: ``[K]`` bool, the clients whose samples this process holds.
+      local: ``[N]`` int64, where dataset position i sits in ``images``/``labels`` (-1: not held).
+      images: ``[N_held, H, W, C]`` uint8, the held samples only.
+      labels: ``[N_held]`` int32.
+    """
+
+    index: np.ndarray
+    counts: np.ndarray
+    owned: np.ndarray
+    local: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def create(cls, images, labels, parts, batch_size: int, owned=None) -> HostClients:
+        """Keeps the samples of the ``owned`` clients (default: all) of ``images``/``labels``."""
+        index, counts = client_table(parts, batch_size)
+        owned = np.ones(len(parts), bool) if owned is None else np.asarray(owned, bool)
+        held = [np.asarray(parts[k], np.int64) for k in np.flatnonzero(owned)]
+        keep = np.unique(np.concatenate(held)) if held else np.zeros(0, np.int64)
+        local = np.full(len(labels), -1, np.int64)
+        local[keep] = np.arange(len(keep))
+        return cls(
+            index=index,
+            counts=counts,
+            owned=owned,
+            local=local,
+            images=np.asarray(images)[keep],
+            labels=np.asarray(labels, np.int32)[keep],
+        )
+
+    @property
+    def num_clients(self) -> int:
+        return self.index.shape[0]
+
+    def rows(self, clients: np.ndarray, counts: np.ndarray) -> ClientRows:
+        """Numpy rows ``[*clients.shape, L, ...]`` of held clients; slots with count 0 are zero.
+
+        Raises:
+          ValueError: a slot with samples names a client this process does not hold.
+        """
+        clients, counts = np.asarray(clients), np.asarray(counts)
+        width = self.index.shape[1]
+        valid = np.arange(width) < counts[..., None]
+        where = self.local[self.index[clients]]
+        missing = valid & (where < 0)
+        if missing.any():
+            k = int(clients[np.nonzero(missing.any(-1))][0])
+            raise ValueError(f"client {k}'s samples are held by another process")
+        # Empty slots read held sample 0 (or nothing) and are then zeroed.
+        where = np.where(valid, where, 0)
+        images = np.zeros((*where.shape, *self.images.shape[1:]), np.uint8)
+        labels = np.zeros(where.shape, np.int32)
+        if len(self.labels):
+            images[valid] = self.images[where[valid]]
+            labels[valid] = self.labels[where[valid]]
+        return ClientRows(images=images, labels=labels)
 
 
 def client_table(parts: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,8 +173,7 @@ def epoch_orders(key: jax.Array, count: jax.Array, width: int, epochs: int) -> j
 
 
 def client_batch(
-    data: ClientData,
-    client: jax.Array,
+    rows: ClientRows,
     count: jax.Array,
     orders: jax.Array,
     step: jax.Array,
@@ -91,9 +182,8 @@ def client_batch(
     """Batch ``step`` of one client's local training.
 
     Args:
-      data: the client table.
-      client: the client's id (traced scalar).
-      count: the samples it trains on, ``data.counts[client]`` or 0 for a padding slot.
+      rows: one client's padded samples (``[L, H, W, C]`` and ``[L]``).
+      count: the samples it trains on, or 0 for a padding slot.
       orders: ``[E, L]`` from ``epoch_orders``.
       step: local step index in ``[0, tau_k)``; later steps give an all-false mask.
       batch_size: B.
@@ -107,8 +197,7 @@ def client_batch(
     positions = jax.lax.dynamic_slice(orders[epoch], (offset,), (batch_size,))
     in_range = step < orders.shape[0] * steps_per_epoch(count, batch_size)
     mask = (offset + jnp.arange(batch_size) < count) & in_range
-    rows = data.index[client, positions]
-    return data.images[rows], data.labels[rows], mask
+    return rows.images[positions], rows.labels[positions], mask
 
 
 def preprocess(images: jax.Array, mean, std, image_size: int, channels: int = 0) -> jax.Array:

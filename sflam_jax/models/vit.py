@@ -203,3 +203,41 @@ def hidden_states(cfg: ViTConfig, params: dict, images: jax.Array) -> jax.Array:
     for name in block_names(cfg.depth):
         x = Block(cfg).apply({"params": params[name]}, x)
     return nn.LayerNorm(cfg.layer_norm_eps).apply({"params": params["head"]["norm"]}, x)
+
+
+# Logical axis names of each parameter, by (module, parameter) name; ``sharding.py`` maps them to
+# mesh axes through ``config.sharding.rules``. "heads" is the attention width (heads x head_dim),
+# "mlp" the hidden width of the MLP, "embed" the model width.
+_LOGICAL_AXES = {
+    ("query", "kernel"): ("embed", "heads"),
+    ("key", "kernel"): ("embed", "heads"),
+    ("value", "kernel"): ("embed", "heads"),
+    ("query", "bias"): ("heads",),
+    ("key", "bias"): ("heads",),
+    ("value", "bias"): ("heads",),
+    ("out", "kernel"): ("heads", "embed"),
+    ("mlp_in", "kernel"): ("embed", "mlp"),
+    ("mlp_in", "bias"): ("mlp",),
+    ("mlp_out", "kernel"): ("mlp", "embed"),
+    ("patch", "kernel"): ("patch", "embed"),
+    ("classifier", "kernel"): ("embed", "classes"),
+    ("classifier", "bias"): ("classes",),
+    ("cls", None): (None, None, "embed"),
+    ("position", None): (None, "tokens", "embed"),
+}
+
+
+def logical_axes(params: dict) -> dict:
+    """A tree like ``params`` whose leaves are tuples of logical axis names (None: unnamed).
+
+    Biases and norm parameters of width ``hidden_size`` are ("embed",).
+    """
+
+    def names(path, x):
+        keys = [getattr(p, "key", None) for p in path]
+        for lookup in ((keys[-2] if len(keys) > 1 else None, keys[-1]), (keys[-1], None)):
+            if lookup in _LOGICAL_AXES:
+                return _LOGICAL_AXES[lookup]
+        return ("embed",) if x.ndim == 1 else (None,) * x.ndim
+
+    return jax.tree_util.tree_map_with_path(names, params)
