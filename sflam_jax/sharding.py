@@ -41,8 +41,9 @@ def initialize_distributed(dist_cfg) -> None:
     """
     if not dist_cfg.enabled or jax.distributed.is_initialized():
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
+    # Only the CPU client reads this; it must be set before the backend starts, so it is set
+    # whatever the backend (asking which backend would start it).
+    jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
     kwargs = {}
     address = dist_cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     if address:
@@ -59,11 +60,12 @@ def initialize_distributed(dist_cfg) -> None:
 def make_mesh(shard_cfg, devices=None) -> Mesh:
     """The ``(clients, model)`` mesh of ``config.sharding`` over ``devices`` (default: all).
 
-    ``sharding.clients = 0`` takes every device not on the ``model`` axis. Devices are ordered by
-    process, so a process's devices hold consecutive client slots.
+    ``sharding.clients = 0`` takes every device not on the ``model`` axis; a smaller mesh uses the
+    first ``clients x model`` devices. Devices are ordered by process, so a process's devices hold
+    consecutive client slots.
 
     Raises:
-      ConfigError: the axis sizes do not multiply to the number of devices.
+      ConfigError: the axis sizes do not fit the devices.
     """
     devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
     n = len(devices)
@@ -73,12 +75,13 @@ def make_mesh(shard_cfg, devices=None) -> Mesh:
             f"sharding.model={model} is invalid: must be >= 1 and divide the {n} devices"
         )
     clients = shard_cfg.clients or n // model
-    if clients * model != n:
+    if clients * model > n:
         raise ConfigError(
             f"sharding.clients={shard_cfg.clients} is invalid: clients x model "
-            f"({clients} x {model}) must equal the {n} devices (0 = {n // model})"
+            f"({clients} x {model}) exceeds the {n} devices (0 = {n // model})"
         )
-    return Mesh(np.asarray(devices, dtype=object).reshape(clients, model), MESH_AXES)
+    used = np.asarray(devices[: clients * model], dtype=object)
+    return Mesh(used.reshape(clients, model), MESH_AXES)
 
 
 @dataclasses.dataclass(frozen=True)

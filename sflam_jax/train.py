@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -253,10 +254,16 @@ def make_round(config, algorithm, state_shardings, dataset: Dataset, parts):
             config.train.batch_size,
             owned=owned_clients(len(parts), jax.process_count(), jax.process_index()),
         )
-        streamed = StreamedRound(
+        if jax.process_count() > 1:
+            print(
+                f"sflam_jax: process {jax.process_index()} of {jax.process_count()} holds "
+                f"{int(host.owned.sum())} of {len(parts)} clients "
+                f"({len(host.labels)} training samples)",
+                file=sys.stderr,
+            )
+        return StreamedRound(
             algorithm, host, config.train.chunks_per_block, up_bits, state_shardings, key_of
         )
-        return streamed
     client_data = layout.replicate(
         make_client_data(dataset.train_images, dataset.train_labels, parts, config.train.batch_size)
     )

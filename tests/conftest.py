@@ -80,6 +80,20 @@ def reference_run(tmp_path_factory, idx_dir, tfds_dir):
     return cfg, workdir, final
 
 
+def final_state(workdir, step=4, like=None):
+    """The state saved in ``workdir``'s checkpoint of round ``step``; ``like`` (a state) gives
+    the placement, needed for a checkpoint written on another mesh or by several processes."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    try:
+        return manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like))
+        ).state
+    finally:
+        manager.close()
+
+
 def read_metrics(workdir) -> list[dict]:
     from sflam_jax.metrics import read_jsonl
 

@@ -1,18 +1,20 @@
 """Runs rounds of the tiny config on each requested mesh and saves the states (test_sharding).
 
-    python tests/mesh_check.py DEVICES OUT.npz IDX_DIR MESH [MESH ...]
+    python tests/mesh_check.py DEVICES OUT.npz IDX_DIR TFDS_DIR MESH [MESH ...]
 
-DEVICES fake CPU devices are made before jax is imported. A MESH is ``CLIENTSxMODEL`` with an
-optional ``+stream`` (the host-streamed round). For each mesh the script saves the final state's
-leaves as ``<mesh>/<path>`` and the round metrics as ``<mesh>/metrics/<name>``, and prints one
-JSON line per mesh with the sharding spec and per-device shard shape of every server parameter.
+DEVICES fake CPU devices are made before jax is imported. A MESH is ``CLIENTSxMODEL`` (1x1: one
+device) with an optional ``+stream`` (the host-streamed round). For each mesh the script saves
+the final state's leaves as ``<mesh>/<path>`` and the round metrics as
+``<mesh>/metrics/<name>``, and prints one JSON line per mesh with the sharding spec and
+per-device shard shape of every server parameter.
 """
 
+import dataclasses
 import json
 import os
 import sys
 
-devices, out, idx_dir, *meshes = sys.argv[1:]
+devices, out, idx_dir, tfds_dir, *meshes = sys.argv[1:]
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -21,7 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import tiny  # noqa: E402
 
-from sflam_jax import train  # noqa: E402
+from sflam_jax import sharding, train  # noqa: E402
 
 ROUNDS = 2
 
@@ -31,6 +33,7 @@ def config(mesh: str):
     clients, model = (int(v) for v in shape.split("x"))
     c = tiny.get_config()
     c.data.idx_dir = idx_dir
+    c.data.data_dir = tfds_dir
     c.data.num_clients = 16
     c.train.clients_per_round = 8
     c.train.chunk_size = 8
@@ -43,18 +46,24 @@ def config(mesh: str):
 
 
 saved = {}
+base = train.build_run(config(meshes[0]))  # data, model and initial state, built once
 for mesh in meshes:
-    run = train.build_run(config(mesh))
-    state = run.initial
+    cfg = config(mesh)
+    layout = sharding.Layout.from_config(cfg.sharding)
+    shardings = layout.state_shardings(base.initial)
+    state = layout.place(base.initial, shardings)
+    algorithm = dataclasses.replace(base.algorithm, layout=layout)
+    round_fn = train.make_round(cfg, algorithm, shardings, base.dataset, base.parts)
     records = []
     for r in range(ROUNDS):
-        state, metrics = run.round_fn(state, r)
+        state, metrics = round_fn(state, r)
         records.append(jax.device_get(metrics))
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         saved[f"{mesh}/{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
     for name in ("train_loss", "train_accuracy", "samples", "clients"):
         saved[f"{mesh}/metrics/{name}"] = np.stack([np.asarray(m[name]) for m in records])
-    layout = {
+    layout_size = layout.mesh.devices.size
+    placed = {
         jax.tree_util.keystr(path): {
             "spec": [a if a is None else str(a) for a in leaf.sharding.spec],
             "shard": list(leaf.addressable_shards[0].data.shape),
@@ -62,5 +71,5 @@ for mesh in meshes:
         }
         for path, leaf in jax.tree_util.tree_flatten_with_path(state.params_s)[0]
     }
-    print(json.dumps({"mesh": mesh, "devices": len(run.layout.mesh.devices.flat), **layout}))
+    print(json.dumps({"mesh": mesh, "devices": layout_size, **placed}))
 np.savez(out, **saved)

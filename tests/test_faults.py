@@ -10,21 +10,11 @@ import subprocess
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import CLI_ENV, ROOT, cli_command, read_metrics, synthetic_images
+from conftest import CLI_ENV, ROOT, cli_command, final_state, read_metrics, synthetic_images
 
 from sflam_jax import train
 from sflam_jax.algorithms.base import check_health
 from sflam_jax.errors import CheckpointMismatchError, NonFiniteError
-
-
-def _final_state(workdir, step=4):
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    try:
-        return manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-        ).state
-    finally:
-        manager.close()
 
 
 def _assert_same_state(a, b):
@@ -61,7 +51,7 @@ def test_killed_at_every_kind_of_point_resumes_to_the_same_run(
     subprocess.run(command, env=CLI_ENV, check=True, capture_output=True)
     with open(tmp_path / "metrics.jsonl") as a, open(os.path.join(reference, "metrics.jsonl")) as b:
         assert a.read() == b.read()
-    _assert_same_state(_final_state(tmp_path), _final_state(reference))
+    _assert_same_state(final_state(tmp_path), final_state(reference))
 
 
 def _damage_truncate(path):
@@ -101,7 +91,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     assert len(os.listdir(tmp_path / "corrupt_checkpoints")) == 1
     # Round 4 was trained again from round 3's checkpoint, to the same result.
     assert read_metrics(tmp_path) == read_metrics(reference)
-    _assert_same_state(_final_state(tmp_path), _final_state(reference))
+    _assert_same_state(final_state(tmp_path), final_state(reference))
 
 
 @pytest.mark.parametrize(
@@ -190,7 +180,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp
     assert bad_round >= 2, "diverged in round 1: nothing to keep, pick a smaller learning rate"
     records = read_metrics(tmp_path)
     assert [r["round"] for r in records] == list(range(bad_round))
-    state = _final_state(tmp_path, bad_round - 1)
+    state = final_state(tmp_path, bad_round - 1)
     assert all(np.isfinite(np.asarray(x)).all() for x in ocp.tree.to_flat_dict(state).values())
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))[-1] == bad_round - 1
 

@@ -59,11 +59,16 @@ def check_process_layout(layout, num_processes: int) -> None:
     if num_processes == 1:
         return
     rows = [{d.process_index for d in row} for row in layout.mesh.devices]
-    if any(len(r) != 1 for r in rows) or len(set().union(*rows)) != num_processes:
+    if any(len(r) != 1 for r in rows):
         raise ConfigError(
             f"sharding.model={layout.mesh.shape['model']} spans processes: with "
             f"{num_processes} processes the 'model' axis must fit inside one process's "
             f"{jax.local_device_count()} devices"
+        )
+    if len(set().union(*rows)) != num_processes:
+        raise ConfigError(
+            f"sharding.clients={layout.mesh.shape['clients']} leaves processes without "
+            f"devices: the mesh must span all {num_processes} processes (0 = every device)"
         )
 
 
