@@ -71,10 +71,11 @@ def sample_clients(key: jax.Array, num_clients: int, per_round: int) -> jax.Arra
     return jax.random.choice(key, num_clients, (per_round,), replace=False).astype(jnp.int32)
 
 
-def make_optimizer(opt_cfg) -> optax.GradientTransformation:
-    """The local optimizer of devices and server copies from ``config.optimizer``."""
+def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
+    """The local optimizer of devices and server copies from ``config.optimizer``;
+    ``learning_rate`` (a float or a traced scalar, for vectorized sweeps) replaces the config's."""
     name = opt_cfg.name
-    lr = opt_cfg.learning_rate
+    lr = opt_cfg.learning_rate if learning_rate is None else learning_rate
     if name == "sgd":
         tx = optax.sgd(lr, momentum=opt_cfg.momentum or None)
     elif name == "adam":

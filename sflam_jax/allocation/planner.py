@@ -72,7 +72,7 @@ class RoundPlanner:
         devices = draw_devices(key, s, self.params)
         rho = counts / jnp.maximum(jnp.sum(counts), 1)
         problem = make_problem(devices, steps, rho, self.workload, self.params, self.weights)
-        bits = None if self.fixed_bits is None else jnp.full((s,), float(self.fixed_bits))
+        bits = None if self.fixed_bits is None else jnp.full((s,), self.fixed_bits, jnp.float32)
         if self.method == "pgd":
             allocation, _ = IN_GRAPH["pgd"](problem, bits, self.pgd)
         else:

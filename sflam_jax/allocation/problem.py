@@ -49,6 +49,8 @@ class Weights:
     down_bits: int = 32
 
     def __post_init__(self):
+        if isinstance(self.w_t, jax.core.Tracer):
+            return  # a vectorized sweep: every point's value was checked before tracing
         if not self.w_t > 0:
             raise ValueError(
                 f"allocation.w_t={self.w_t} must be > 0 (with w_t = 0 the deadline is unbounded)"
