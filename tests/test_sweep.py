@@ -68,7 +68,8 @@ def test_grid_errors_name_the_field():
 
 
 def test_system_sweep_matches_the_planner_point_by_point():
-    """Vmapped over power and w_T; each point equals the planner built from its own config."""
+    """Vmapped over power and w_T; each point equals the planner built from its own config (to
+    1e-3: 200 projected-gradient steps in two differently compiled programs)."""
     cfg = base_config()
     cfg.allocation.method = "pgd"
     cfg.allocation.pgd_steps = 200
@@ -83,5 +84,5 @@ def test_system_sweep_matches_the_planner_point_by_point():
         want = [planner(k, steps.astype(np.float32), counts.astype(np.float32))[1] for k in keys]
         for name in ("round_latency_s", "round_energy_j", "objective"):
             np.testing.assert_allclose(
-                row[f"{name}_mean"], np.mean([w[name] for w in want]), rtol=2e-4, err_msg=name
+                row[f"{name}_mean"], np.mean([w[name] for w in want]), rtol=1e-3, err_msg=name
             )
