@@ -304,11 +304,12 @@ class Run:
     system: dict
 
 
-def build_run(config: ml_collections.ConfigDict) -> Run:
+def build_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> Run:
     """Data, partition, model split, mesh, initial state and the jitted round of ``config``
-    (validated here; ``jax.distributed`` must already be started for a multi-process run)."""
+    (validated here; ``jax.distributed`` must already be started for a multi-process run).
+    ``dataset`` skips loading ``config.data`` (benchmarks that build many runs of one dataset)."""
     validate(config)
-    dataset = load_dataset(config.data)
+    dataset = dataset or load_dataset(config.data)
     validate_data(config, dataset.image_shape, len(dataset.train_labels))
     parts = partition(dataset.train_labels, config.data, config.seed)
     validate_partition(config, [len(p) for p in parts])
