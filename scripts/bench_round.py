@@ -154,14 +154,7 @@ def python_driven_round(run, dataset, sampled: list):
         rows = jax.tree.map(lambda x: x[0], gather_rows(data, client[None]))
         order_key, step_key = jax.random.split(key)
         orders = epoch_orders(order_key, count, rows.labels.shape[0], cfg.train.local_epochs)
-        carry = (
-            state.params_c,
-            state.params_s,
-            alg.optimizer.init(state.params_c),
-            alg.optimizer.init(state.params_s),
-            jnp.zeros((3,), jnp.float32),
-        )
-        return carry, rows, orders, step_key
+        return alg.start_carry(state.params_c, state.params_s), rows, orders, step_key
 
     @jax.jit
     def add(sums, carry, count):
@@ -214,14 +207,7 @@ def step_flops() -> float:
     rows = ClientRows(
         images=jnp.zeros((width, 28, 28, 1), jnp.uint8), labels=jnp.zeros((width,), jnp.int32)
     )
-    state = run.initial
-    carry = (
-        state.params_c,
-        state.params_s,
-        alg.optimizer.init(state.params_c),
-        alg.optimizer.init(state.params_s),
-        jnp.zeros((3,), jnp.float32),
-    )
+    carry = alg.start_carry(run.initial.params_c, run.initial.params_s)
     orders = epoch_orders(jax.random.key(0), jnp.int32(width), width, 1)
     args = (carry, rows, jnp.int32(width), orders, jnp.float32(8), jax.random.key(1), 0)
     analysis = jax.jit(alg.client_step).lower(*args).compile().cost_analysis()

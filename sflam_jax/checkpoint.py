@@ -18,17 +18,26 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from sflam_jax.algorithms.base import RoundState
 from sflam_jax.config import config_differences
 from sflam_jax.errors import CheckpointMismatchError
 
 
+def _host_value(leaf) -> np.ndarray:
+    """A leaf's whole value on this host; an array split across processes is gathered (every
+    process must call this in the same order)."""
+    if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
 def fingerprint(state) -> str:
     """SHA-256 over every leaf's dtype, shape and bytes, in tree order."""
     digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(state)):
-        array = np.ascontiguousarray(leaf)
+    for leaf in jax.tree.leaves(state):
+        array = np.ascontiguousarray(_host_value(leaf))
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
@@ -101,7 +110,8 @@ class Checkpointer:
         return initial
 
     def _quarantine(self, step: int, why: str) -> None:
-        """Moves a damaged step out of the manager's directory and reopens the manager."""
+        """Moves a damaged step out of the manager's directory and reopens the manager (process 0
+        moves it; every process reopens after it)."""
         target = os.path.join(
             os.path.dirname(self.directory), "corrupt_checkpoints", f"{step}-{time.time_ns()}"
         )
@@ -113,8 +123,11 @@ class Checkpointer:
             target,
         )
         self._manager.close()
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"sflam_jax quarantine {step}")
         self._manager = self._open()
 
     def maybe_save(self, state: RoundState, force: bool = False) -> None:

@@ -143,8 +143,10 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one_process(tmp_path, idx_dir, tfds_dir):
-    """Two local CPU processes (jax.distributed over gloo), each holding half of the clients'
-    samples, train the same run as one process; only process 0 writes the metrics."""
+    """Two local CPU processes (jax.distributed over gloo) with two devices each, on a 2x2 mesh
+    whose "model" axis splits the server segment inside each process, each process holding half
+    of the clients' samples, train the same run as one single-device process; only process 0
+    writes the metrics, and the checkpoint (gathered across processes) restores on one device."""
     common = [
         sys.executable,
         "-m",
@@ -170,8 +172,13 @@ def test_two_processes_equal_one_process(tmp_path, idx_dir, tfds_dir):
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={i}",
+                "--config.sharding.model=2",
             ],
-            env={**CLI_ENV, "JAX_PLATFORMS": "cpu"},
+            env={
+                **CLI_ENV,
+                "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

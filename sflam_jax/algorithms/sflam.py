@@ -114,6 +114,17 @@ class SFLAM:
         loss, total, correct = masked_cross_entropy(logits, labels, mask)
         return loss, (total, correct)
 
+    def start_carry(self, params_c, params_s):
+        """A client's local-training carry: both segments, fresh optimizer states, ``[3]`` stats
+        (summed loss, correct predictions, samples seen)."""
+        return (
+            params_c,
+            params_s,
+            self.optimizer.init(params_c),
+            self.optimizer.init(params_s),
+            jnp.zeros((3,), jnp.float32),
+        )
+
     def client_step(self, carry, rows: ClientRows, count, orders, up_bits, key, step):
         """One local step of one client and its server copy; a step with no samples is a no-op."""
         params_c, params_s, opt_c, opt_s, stats = carry
@@ -164,13 +175,7 @@ class SFLAM:
             params_c = self.layout.stacked(params_c, server=False)
             params_s = self.layout.stacked(params_s, server=True)
             rows = self.layout.client_major(rows)
-        carry = (
-            params_c,
-            params_s,
-            jax.vmap(self.optimizer.init)(params_c),
-            jax.vmap(self.optimizer.init)(params_s),
-            jnp.zeros((c, 3), jnp.float32),
-        )
+        carry = jax.vmap(self.start_carry)(params_c, params_s)
         step_fn = jax.vmap(self.client_step, in_axes=(0, 0, 0, 0, 0, 0, None))
         num_steps = jnp.max(local_steps(counts, self.batch_size, self.local_epochs))
         carry = jax.lax.fori_loop(
