@@ -334,7 +334,8 @@ def system_sweep(
       over draws of every planner metric.
     """
     rows = []
-    for group in groups(grid_points(base, grid)):
+    all_groups = groups(grid_points(base, grid))
+    for group in tqdm(all_groups, desc="system groups", unit="group", disable=len(all_groups) < 2):
         cfgs = [cfg for _, cfg in group]
         metrics = _system_group(cfgs, draws, image_shape, num_classes, train_size)
         for i, (p, _) in enumerate(group):

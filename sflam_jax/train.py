@@ -317,20 +317,18 @@ def build_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     model_cfg, model, params, preprocess = build_model(config, dataset, init_key)
     initial = initial_state(model_cfg, config.model.cut_layer, params)
+    # FLOPs and memory from the parameter shapes alone: XLA's cost analysis of arrays placed on
+    # a mesh would count one device's share.
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), initial)
+    planner = build_planner(config, model_cfg, shapes.params_c, shapes.params_s)
+    system = {
+        **dataclasses.asdict(planner.workload),
+        **device_memory(config, model_cfg, shapes.params_c, shapes.params_s),
+    }
     layout = Layout.from_config(config.sharding)
     state_shardings = layout.state_shardings(initial)
     initial = layout.place(initial, state_shardings)
-    algorithm = build_algorithm(
-        config,
-        model,
-        preprocess,
-        build_planner(config, model_cfg, initial.params_c, initial.params_s),
-        layout,
-    )
-    system = {
-        **dataclasses.asdict(algorithm.planner.workload),
-        **device_memory(config, model_cfg, initial.params_c, initial.params_s),
-    }
+    algorithm = build_algorithm(config, model, preprocess, planner, layout)
     return Run(
         config=config,
         dataset=dataset,
