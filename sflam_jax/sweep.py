@@ -235,9 +235,8 @@ def run_group(cfgs: list, directories: list[str], progress: bool = True) -> None
     writers = []
     for cfg, directory in zip(cfgs, directories, strict=True):
         os.makedirs(directory, exist_ok=True)
-        for stale in ("error.txt",):
-            if os.path.exists(os.path.join(directory, stale)):
-                os.remove(os.path.join(directory, stale))
+        if os.path.exists(os.path.join(directory, "error.txt")):
+            os.remove(os.path.join(directory, "error.txt"))
         atomic_write_text(os.path.join(directory, "config.json"), cfg.to_json_best_effort(indent=2))
         atomic_write_text(os.path.join(directory, "system.json"), json.dumps(run.system, indent=2))
         writers.append(MetricWriter(directory, -1, False))

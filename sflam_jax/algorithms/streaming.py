@@ -98,7 +98,8 @@ class StreamedRound:
       chunks_per_block: chunks trained per device call.
       up_bits: uplink bits when the algorithm has no planner.
       state_shardings: NamedShardings of the round state (None: one device, default placement).
-      key_of: round index -> the round's key (traced inside the jitted plan).
+      key_of: round index -> the round's key (traced inside the jitted plan; the trainer's
+        ``round_key``, so the streamed and the one-program round sample alike).
     """
 
     def __init__(
@@ -106,9 +107,9 @@ class StreamedRound:
         algorithm: SFLAM,
         host: HostClients,
         chunks_per_block: int,
-        up_bits=32,
-        state_shardings=None,
-        key_of=None,
+        up_bits,
+        state_shardings,
+        key_of,
     ):
         self.algorithm = algorithm
         self.host = host
@@ -128,7 +129,6 @@ class StreamedRound:
         sums_sh = None
         if state_shardings is not None:
             sums_sh = (state_shardings.params_c, state_shardings.params_s, repl, repl)
-        key_of = key_of or (lambda r: jax.random.fold_in(jax.random.key(0), r))
         self._plan = jax.jit(
             lambda counts, r: algorithm.round_plan(counts, key_of(r), up_bits), out_shardings=repl
         )
