@@ -7,6 +7,9 @@ Fashion-MNIST data (K = 1,024 IID clients of about 58 samples, batch 32, one epo
 each), same protocol (SFL-V1 with the 8-bit stochastic uplink quantizer, SGD with momentum, FedAvg):
 
 - ``jit_chunked``: the jitted round, clients vmapped 16 at a time (``train.chunk_size = 16``);
+- ``jit_chunked_cores`` (CPU only): the same round on one XLA CPU device per core
+  (``--xla_force_host_platform_device_count``), each chunk's client axis split over them by the
+  run's mesh, as it would be over the GPUs of a host;
 - ``jit_unchunked``: the jitted round, all S clients vmapped at once (up to ``--max-unchunked``);
 - ``python_steps``: the same JAX code driven client by client from Python, one jitted call per
   client step (plus small jitted calls to gather a client's rows and add it to FedAvg);
@@ -18,7 +21,10 @@ malloc otherwise maps and unmaps XLA's buffers on every call). For each S it rep
 per second (median of ``--rounds`` rounds after one warm-up round), the warm-up round's extra time
 (compilation for JAX), the process's peak resident memory so far, and the achieved FLOP/s: XLA's
 FLOP count of one client step times steps per second, against a dense float32 matmul measured in
-the same run. Prints a markdown table and writes JSON.
+the same run. Two ceilings come from the same run: a dense float32 2048^3 matmul (what the issue
+measures against) and the model's own matmuls at their shapes (every dense layer and attention
+product of a client step, forward and backward, batched over a chunk of clients, each timed
+alone): no schedule of the step can beat the second. Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import time
 import numpy as np
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-ENGINES = ("jit_chunked", "jit_unchunked", "python_steps", "torch_sequential")
+ENGINES = ("jit_chunked", "jit_chunked_cores", "jit_unchunked", "python_steps", "torch_sequential")
 MALLOC_ENV = {
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
     "MALLOC_MMAP_THRESHOLD_": "33554432",
@@ -96,11 +102,13 @@ def client_steps(run, clients) -> int:
     return int(np.sum(local_steps(counts, cfg.train.batch_size, cfg.train.local_epochs)))
 
 
-def engine_jit(sizes, rounds, chunked: bool, max_unchunked: int):
+def engine_jit(sizes, rounds, chunked: bool, max_unchunked: int, cpu_only: bool = False):
     import jax
 
     from sflam_jax import train
 
+    if cpu_only and jax.default_backend() != "cpu":
+        return
     dataset = jax_setup()
     for s in sizes:
         if not chunked and s > max_unchunked:
@@ -214,6 +222,62 @@ def step_flops() -> float:
     if isinstance(analysis, list | tuple):
         analysis = analysis[0]
     return float(analysis["flops"])
+
+
+def model_matmuls(cfg, chunk: int) -> dict[tuple, int]:
+    """The matmuls of one chunk's client step: ``{(batch, M, K, N): how many}``.
+
+    Every dense layer (rows ``[B * tokens]``) and both attention products (batched over samples
+    and heads), forward and backward (input and weight gradients; the first layer has no input
+    gradient), each batched over the ``chunk`` clients whose copies differ.
+    """
+    from sflam_jax.models.vit import vit_config
+
+    v = vit_config(cfg.model.preset, image_size=28, channels=1, num_classes=10)
+    b, t, d, m, hd = cfg.train.batch_size, v.num_tokens, v.hidden_size, v.mlp_dim, v.hidden_size
+    hd //= v.num_heads
+    out: dict[tuple, int] = {}
+
+    def dense(rows, k, n, input_grad=True):
+        for shape in [(rows, k, n), (k, rows, n)] + ([(rows, n, k)] if input_grad else []):
+            out[((chunk,), *shape)] = out.get(((chunk,), *shape), 0) + 1
+
+    def product(m_, k, n, times):
+        key = ((chunk, b * v.num_heads), m_, k, n)
+        out[key] = out.get(key, 0) + times
+
+    dense(b * v.num_patches, v.patch_size**2, d, input_grad=False)
+    for _ in range(v.depth):
+        for _ in range(4):  # query, key, value, out
+            dense(b * t, d, d)
+        dense(b * t, d, m)
+        dense(b * t, m, d)
+        product(t, hd, t, 2)  # scores and the gradient of the mixing weights
+        product(t, t, hd, 4)  # mixing, and the gradients of queries, keys and values
+    dense(b, d, 10)
+    return out
+
+
+def model_matmul_flops_per_s(cfg, chunk: int, repeats: int = 20) -> tuple[float, float]:
+    """``(FLOPs of the step's matmuls for one client, their FLOP/s)``, each matmul timed alone
+    (median of ``repeats``) at its shape; the FLOP/s are summed FLOPs over summed times."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(jnp.matmul)
+    flops = seconds = 0.0
+    for (batch, m, k, n), times in model_matmuls(cfg, chunk).items():
+        a = jax.random.normal(jax.random.key(0), (*batch, m, k), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (*batch, k, n), jnp.float32)
+        jax.block_until_ready(f(a, b))
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(a, b))
+            ts.append(time.perf_counter() - t0)
+        flops += times * 2.0 * np.prod(batch) * m * k * n
+        seconds += times * float(np.median(ts))
+    return flops / chunk, flops / seconds
 
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
@@ -369,8 +433,17 @@ def run_engine(name: str, sizes, rounds: int, max_unchunked: int):
         rows = engine_python_steps(sizes, rounds)
     elif name == "torch_sequential":
         rows = engine_torch(sizes, rounds)
+    elif name == "jit_chunked_cores":
+        rows = engine_jit(sizes, rounds, True, max_unchunked, cpu_only=True)
     elif name == "reference":
-        print(json.dumps({"step_flops": step_flops(), "matmul_flops_per_s": matmul_flops_per_s()}))
+        model_flops, model_rate = model_matmul_flops_per_s(bench_config(8, 0), CHUNK)
+        reference = {
+            "step_flops": step_flops(),
+            "matmul_flops_per_s": matmul_flops_per_s(),
+            "model_matmul_flops": model_flops,
+            "model_matmul_flops_per_s": model_rate,
+        }
+        print(json.dumps(reference))
         return
     else:
         raise SystemExit(f"unknown engine {name!r}; allowed: {ENGINES}")
@@ -380,19 +453,31 @@ def run_engine(name: str, sizes, rounds: int, max_unchunked: int):
         print(json.dumps(row), flush=True)
 
 
+def machine() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` where there is one), its architecture and cores."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        name = f"{names[0]} ({platform.machine()})" if names else name
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
 def table(result) -> str:
-    """Markdown: client steps/s, % of dense-matmul FLOP/s, warm-up extra and peak memory."""
-    ref = result["matmul_flops_per_s"]
+    """Markdown: client steps/s, % of the two matmul ceilings, warm-up extra and peak memory."""
+    ref, shaped = result["matmul_flops_per_s"], result["model_matmul_flops_per_s"]
     lines = [
-        "| engine | S | client steps/s | achieved GFLOP/s | % of matmul | warm-up extra s "
-        "| peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| engine | S | client steps/s | achieved GFLOP/s | % of dense matmul "
+        "| % of model-shape matmuls | warm-up extra s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         flops = r["steps_per_s"] * result["step_flops"]
         lines.append(
             f"| {r['engine']} | {r['clients_per_round']:,} | {r['steps_per_s']:.1f} "
-            f"| {flops / 1e9:.1f} | {100 * flops / ref:.1f} "
+            f"| {flops / 1e9:.1f} | {100 * flops / ref:.1f} | {100 * flops / shaped:.1f} "
             f"| {r['first_round_s'] - r['round_s']:.1f} | {r['peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines)
@@ -413,15 +498,17 @@ def main() -> None:
         return
 
     env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": ROOT}
+    per_core = f"--xla_force_host_platform_device_count={os.cpu_count()}"
 
     def launch(name):
+        flags = env.get("XLA_FLAGS", "") + (f" {per_core}" if name == "jit_chunked_cores" else "")
         proc = subprocess.Popen(
             [sys.executable, __file__, "--engine", name, "--sizes", args.sizes]
             + ["--rounds", str(args.rounds), "--max-unchunked", str(args.max_unchunked)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env={**env, "XLA_FLAGS": flags.strip()},
         )
         out = []
         for line in proc.stdout:
@@ -442,7 +529,7 @@ def main() -> None:
     from sflam_jax.metrics import atomic_write_text
 
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "num_clients": NUM_CLIENTS,
