@@ -17,7 +17,14 @@ def test_a_vectorized_point_equals_its_single_run(tiny_config, tmp_path):
     """Four points (learning rate x seed: different partitions, initialisations, keys and
     optimizers) in one compiled program; the point (0.1, seed 1) against train_and_evaluate.
     Float cut-layer traffic: with the stochastic quantizer a last-bit difference between the two
-    programs can move a value across a rounding boundary and the runs drift apart."""
+    programs can move a value across a rounding boundary and the runs drift apart.
+
+    Even in float the two programs sum in other orders, and training amplifies that: on the
+    2-core AMD EPYC machine the largest relative difference (test_loss) was 1.3e-6, 7.3e-6 and
+    3.0e-5 after rounds 1, 2 and 3. So round 1, which is a direct comparison of one round's
+    computation, is held to 1e-5 and the later ones to 3e-4, ten times the drift seen; another
+    point's records differ by more (the closest two of the four, learning rate 0.1 with seeds 0
+    and 1, by 1e-3 in train_loss and 3x in test_loss after round 3)."""
     tiny_config.quant.up_bits = 32
     grid = {"optimizer.learning_rate": [0.05, 0.1], "seed": [0, 1]}
     index = sweep.run_sweep(tiny_config, grid, str(tmp_path / "sweep"), progress=False)
@@ -30,8 +37,9 @@ def test_a_vectorized_point_equals_its_single_run(tiny_config, tmp_path):
     assert [r["round"] for r in got] == [0, 1, 2, 3]
     for a, b in zip(want, got, strict=True):
         assert a.keys() == b.keys()
+        rtol = 1e-5 if a["round"] <= 1 else 3e-4
         for key, value in a.items():
-            np.testing.assert_allclose(b[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(b[key], value, rtol=rtol, atol=1e-6, err_msg=key)
     # The points differ: seeds sample different clients, learning rates reach different losses.
     others = [read_metrics(tmp_path / "sweep" / e["directory"])[-1] for e in index]
     assert len({round(r["train_loss"], 6) for r in others}) == 4
