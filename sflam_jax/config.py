@@ -40,6 +40,7 @@ RUN_CONTROL_FIELDS = frozenset(
         "sharding.clients",
         "sharding.model",
         "sharding.rules",
+        "sharding.cpu_devices",
         "distributed.enabled",
         "distributed.coordinator_address",
         "distributed.num_processes",
@@ -139,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding.model = 1  # devices on the "model" axis (server segment split by the rules)
     # (logical axis of models.vit.logical_axes, mesh axis or None); unnamed axes are replicated.
     c.sharding.rules = (("heads", "model"), ("mlp", "model"))
+    # CPU backend only: XLA devices to split the host into (0 = JAX's default, one), so that a
+    # chunk's clients train on the cores side by side; set before JAX starts (the CLI does).
+    c.sharding.cpu_devices = 0
 
     c.distributed = ml_collections.ConfigDict()  # jax.distributed, for several processes
     c.distributed.enabled = False
@@ -294,6 +298,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         )
     _int_in(cfg, "sharding.clients", 0)
     _int_in(cfg, "sharding.model", 1)
+    _int_in(cfg, "sharding.cpu_devices", 0)
     for rule in cfg.sharding.rules:
         if len(rule) != 2 or not isinstance(rule[0], str):
             _fail("sharding.rules", cfg.sharding.rules, "must be (logical axis, mesh axis) pairs")

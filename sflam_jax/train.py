@@ -45,7 +45,7 @@ from sflam_jax.errors import ConfigError
 from sflam_jax.metrics import MetricWriter, atomic_write_text, read_jsonl, to_python
 from sflam_jax.models import pretrained, vit
 from sflam_jax.models import split as split_lib
-from sflam_jax.sharding import Layout, initialize_distributed
+from sflam_jax.sharding import Layout, initialize_distributed, set_cpu_devices
 from sflam_jax.wireless.costs import Workload, device_memory_bytes
 
 
@@ -364,6 +364,7 @@ def train_and_evaluate(
       NonFiniteError: a round produced a non-finite loss or parameter (round and client named).
     """
     validate(config)
+    set_cpu_devices(config.sharding)
     initialize_distributed(config.distributed)
     primary = jax.process_index() == 0
     if fresh and primary:

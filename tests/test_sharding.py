@@ -133,6 +133,21 @@ def test_mesh_errors_name_the_field():
         validate(cfg)
 
 
+def test_cpu_devices_after_the_backend_started_is_refused_unless_it_matches():
+    """This process's backend is running: asking for its own device count is fine, another is a
+    ConfigError naming the field (the two-process test applies the field in fresh processes)."""
+    cfg = base_config()
+    have = len(jax.devices("cpu"))
+    cfg.sharding.cpu_devices = have
+    sharding.set_cpu_devices(cfg.sharding)
+    cfg.sharding.cpu_devices = have + 1
+    with pytest.raises(ConfigError, match=f"sharding.cpu_devices={have + 1} cannot be applied"):
+        sharding.set_cpu_devices(cfg.sharding)
+    cfg.sharding.cpu_devices = -1
+    with pytest.raises(ConfigError, match="sharding.cpu_devices=-1"):
+        validate(cfg)
+
+
 # -- several processes --------------------------------------------------------------------------
 
 
@@ -143,7 +158,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one_process(tmp_path, idx_dir, tfds_dir):
-    """Two local CPU processes (jax.distributed over gloo) with two devices each, on a 2x2 mesh
+    """Two local CPU processes (jax.distributed over gloo) with two devices each
+    (``sharding.cpu_devices``), on a 2x2 mesh
     whose "model" axis splits the server segment inside each process, each process holding half
     of the clients' samples, train the same run as one single-device process; only process 0
     writes the metrics, and the checkpoint (gathered across processes) restores on one device."""
@@ -173,12 +189,9 @@ def test_two_processes_equal_one_process(tmp_path, idx_dir, tfds_dir):
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={i}",
                 "--config.sharding.model=2",
+                "--config.sharding.cpu_devices=2",
             ],
-            env={
-                **CLI_ENV,
-                "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            },
+            env={**CLI_ENV, "JAX_PLATFORMS": "cpu"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
