@@ -258,35 +258,13 @@ def model_matmuls(cfg, chunk: int) -> dict[tuple, int]:
     return out
 
 
-def model_matmul_flops_per_s(cfg, chunk: int, repeats: int = 20) -> tuple[float, float]:
-    """``(FLOPs of the step's matmuls for one client, their FLOP/s)``, each matmul timed alone
-    (median of ``repeats``) at its shape; the FLOP/s are summed FLOPs over summed times."""
+def matmul_seconds(lhs_shape: tuple, rhs_shape: tuple, repeats: int) -> float:
+    """Median time of a jitted float32 ``jnp.matmul`` of random operands of these shapes."""
     import jax
     import jax.numpy as jnp
 
-    f = jax.jit(jnp.matmul)
-    flops = seconds = 0.0
-    for (batch, m, k, n), times in model_matmuls(cfg, chunk).items():
-        a = jax.random.normal(jax.random.key(0), (*batch, m, k), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (*batch, k, n), jnp.float32)
-        jax.block_until_ready(f(a, b))
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(a, b))
-            ts.append(time.perf_counter() - t0)
-        flops += times * 2.0 * np.prod(batch) * m * k * n
-        seconds += times * float(np.median(ts))
-    return flops / chunk, flops / seconds
-
-
-def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
-    """Dense float32 ``[n, n] x [n, n]`` matmul throughput under jit (median of ``repeats``)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), lhs_shape, jnp.float32)
+    b = jax.random.normal(jax.random.key(1), rhs_shape, jnp.float32)
     f = jax.jit(jnp.matmul)
     jax.block_until_ready(f(a, b))
     times = []
@@ -294,7 +272,22 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(f(a, b))
         times.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / float(np.median(times))
+    return float(np.median(times))
+
+
+def model_matmul_flops_per_s(cfg, chunk: int, repeats: int = 20) -> tuple[float, float]:
+    """``(FLOPs of the step's matmuls for one client, their FLOP/s)``, each matmul timed alone
+    (median of ``repeats``) at its shape; the FLOP/s are summed FLOPs over summed times."""
+    flops = seconds = 0.0
+    for (batch, m, k, n), times in model_matmuls(cfg, chunk).items():
+        flops += times * 2.0 * np.prod(batch) * m * k * n
+        seconds += times * matmul_seconds((*batch, m, k), (*batch, k, n), repeats)
+    return flops / chunk, flops / seconds
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
+    """Dense float32 ``[n, n] x [n, n]`` matmul throughput under jit (median of ``repeats``)."""
+    return 2.0 * n**3 / matmul_seconds((n, n), (n, n), repeats)
 
 
 # -- PyTorch engine ------------------------------------------------------------------------------

@@ -183,10 +183,13 @@ class StreamedRound:
         healths = []
         for b in range(blocks):
             block = slots[b * n : (b + 1) * n]
+            # Dispatch is asynchronous: the host gathers this block while the device still
+            # trains the previous one (the flags are fetched once, after the last block).
             rows = self._block_rows(plan_host, block)
             sums, health = self._accumulate(state, sums, plan, block.astype(np.int32), rows)
-            healths.append(np.asarray(jax.device_get(health)))
+            healths.append(health)
         # Finite flags back in sampling order: [n, 3, C] per block -> [3, S].
+        healths = [np.asarray(h) for h in jax.device_get(healths)]
         health = np.concatenate(healths).transpose(1, 0, 2).reshape(3, -1)
         flat = slots.reshape(-1)
         order = np.argsort(np.where(flat >= 0, flat, np.iinfo(np.int64).max), kind="stable")
