@@ -1,6 +1,7 @@
 """One SFL-V1 training round four ways, side by side, on any backend (ratios within one run).
 
     python scripts/bench_round.py [--sizes 8,32,128,256,1024] [--out docs/bench/round_cpu.json]
+        [--engines jit_chunked,...] [--preset ti16 --patch-size 7]
 
 Same ViT split (the default config's "mini" ViT, cut after the embedding, float matmuls), same
 Fashion-MNIST data (K = 1,024 IID clients of about 58 samples, batch 32, one epoch: 2 client steps
@@ -51,6 +52,9 @@ MALLOC_ENV = {
 }
 NUM_CLIENTS = 1024
 CHUNK = int(os.environ.get("BENCH_CHUNK", 16))  # clients per chunk of jit_chunked
+# The model: the default config's "mini" ViT unless --preset / --patch-size say otherwise.
+PRESET = os.environ.get("BENCH_PRESET", "mini")
+PATCH = int(os.environ.get("BENCH_PATCH", 0))  # 0 = the preset's
 
 
 def bench_config(clients_per_round: int, chunk_size: int):
@@ -61,6 +65,7 @@ def bench_config(clients_per_round: int, chunk_size: int):
     c.data.num_clients = NUM_CLIENTS
     c.data.partition = "iid"
     c.aqt.enabled = False  # PyTorch has no AQT; every engine runs float matmuls
+    c.model.preset, c.model.patch_size = PRESET, PATCH
     c.train.clients_per_round = clients_per_round
     c.train.chunk_size = chunk_size
     c.metrics.progress = False
@@ -233,7 +238,13 @@ def model_matmuls(cfg, chunk: int) -> dict[tuple, int]:
     """
     from sflam_jax.models.vit import vit_config
 
-    v = vit_config(cfg.model.preset, image_size=28, channels=1, num_classes=10)
+    v = vit_config(
+        cfg.model.preset,
+        image_size=28,
+        channels=1,
+        num_classes=10,
+        patch_size=cfg.model.patch_size or None,
+    )
     b, t, d, m, hd = cfg.train.batch_size, v.num_tokens, v.hidden_size, v.mlp_dim, v.hidden_size
     hd //= v.num_heads
     out: dict[tuple, int] = {}
@@ -306,6 +317,7 @@ def engine_torch(sizes, rounds):
     dataset = load_dataset(cfg.data)
     parts = partition(dataset.train_labels, cfg.data, cfg.seed)
     hidden, depth, heads, mlp, patch = PRESETS[cfg.model.preset]
+    patch = cfg.model.patch_size or patch
     torch.manual_seed(cfg.seed)
     model = transformers.ViTForImageClassification(
         transformers.ViTConfig(
@@ -482,6 +494,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per point")
     parser.add_argument("--max-unchunked", type=int, default=256)
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--preset", default=PRESET, help="models.vit preset (default: mini)")
+    parser.add_argument("--patch-size", type=int, default=PATCH, help="0 = the preset's")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "round_cpu.json"))
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -490,7 +504,13 @@ def main() -> None:
         run_engine(args.engine, sizes, args.rounds, args.max_unchunked)
         return
 
-    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": ROOT}
+    env = {
+        **os.environ,
+        **MALLOC_ENV,
+        "PYTHONPATH": ROOT,
+        "BENCH_PRESET": args.preset,
+        "BENCH_PATCH": str(args.patch_size),
+    }
     per_core = f"--xla_force_host_platform_device_count={os.cpu_count()}"
 
     def launch(name):
@@ -527,6 +547,8 @@ def main() -> None:
         "devices": [str(d) for d in jax.devices()],
         "num_clients": NUM_CLIENTS,
         "chunk_size": CHUNK,
+        "preset": args.preset,
+        "patch_size": args.patch_size,
         **reference,
         "rows": rows,
     }
