@@ -9,8 +9,8 @@ each), same protocol (SFL-V1 with the 8-bit stochastic uplink quantizer, SGD wit
 
 - ``jit_chunked``: the jitted round, clients vmapped 16 at a time (``train.chunk_size = 16``);
 - ``jit_chunked_cores`` (CPU only): the same round on one XLA CPU device per core
-  (``--xla_force_host_platform_device_count``), each chunk's client axis split over them by the
-  run's mesh, as it would be over the GPUs of a host;
+  (``sharding.cpu_devices``), each chunk's client axis split over them by the run's mesh, as it
+  would be over the GPUs of a host;
 - ``jit_unchunked``: the jitted round, all S clients vmapped at once (up to ``--max-unchunked``);
 - ``python_steps``: the same JAX code driven client by client from Python, one jitted call per
   client step (plus small jitted calls to gather a client's rows and add it to FedAvg);
@@ -31,6 +31,7 @@ alone): no schedule of the step can beat the second. Prints a markdown table and
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import os
@@ -39,6 +40,7 @@ import resource
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -107,13 +109,16 @@ def client_steps(run, clients) -> int:
     return int(np.sum(local_steps(counts, cfg.train.batch_size, cfg.train.local_epochs)))
 
 
-def engine_jit(sizes, rounds, chunked: bool, max_unchunked: int, cpu_only: bool = False):
+def engine_jit(sizes, rounds, chunked: bool, max_unchunked: int, per_core: bool = False):
     import jax
 
-    from sflam_jax import train
+    from sflam_jax import sharding, train
 
-    if cpu_only and jax.default_backend() != "cpu":
-        return
+    if per_core:
+        # Before anything starts the backend; a no-op off the CPU, where the engine is skipped.
+        sharding.set_cpu_devices(types.SimpleNamespace(cpu_devices=os.cpu_count()))
+        if jax.default_backend() != "cpu":
+            return
     dataset = jax_setup()
     for s in sizes:
         if not chunked and s > max_unchunked:
@@ -245,17 +250,16 @@ def model_matmuls(cfg, chunk: int) -> dict[tuple, int]:
         num_classes=10,
         patch_size=cfg.model.patch_size or None,
     )
-    b, t, d, m, hd = cfg.train.batch_size, v.num_tokens, v.hidden_size, v.mlp_dim, v.hidden_size
-    hd //= v.num_heads
-    out: dict[tuple, int] = {}
+    b, t, d, m = cfg.train.batch_size, v.num_tokens, v.hidden_size, v.mlp_dim
+    hd = d // v.num_heads
+    out: collections.Counter = collections.Counter()
 
     def dense(rows, k, n, input_grad=True):
         for shape in [(rows, k, n), (k, rows, n)] + ([(rows, n, k)] if input_grad else []):
-            out[((chunk,), *shape)] = out.get(((chunk,), *shape), 0) + 1
+            out[((chunk,), *shape)] += 1
 
     def product(m_, k, n, times):
-        key = ((chunk, b * v.num_heads), m_, k, n)
-        out[key] = out.get(key, 0) + times
+        out[((chunk, b * v.num_heads), m_, k, n)] += times
 
     dense(b * v.num_patches, v.patch_size**2, d, input_grad=False)
     for _ in range(v.depth):
@@ -266,7 +270,7 @@ def model_matmuls(cfg, chunk: int) -> dict[tuple, int]:
         product(t, hd, t, 2)  # scores and the gradient of the mixing weights
         product(t, t, hd, 4)  # mixing, and the gradients of queries, keys and values
     dense(b, d, 10)
-    return out
+    return dict(out)
 
 
 def matmul_seconds(lhs_shape: tuple, rhs_shape: tuple, repeats: int) -> float:
@@ -439,7 +443,7 @@ def run_engine(name: str, sizes, rounds: int, max_unchunked: int):
     elif name == "torch_sequential":
         rows = engine_torch(sizes, rounds)
     elif name == "jit_chunked_cores":
-        rows = engine_jit(sizes, rounds, True, max_unchunked, cpu_only=True)
+        rows = engine_jit(sizes, rounds, True, max_unchunked, per_core=True)
     elif name == "reference":
         model_flops, model_rate = model_matmul_flops_per_s(bench_config(8, 0), CHUNK)
         reference = {
@@ -511,17 +515,15 @@ def main() -> None:
         "BENCH_PRESET": args.preset,
         "BENCH_PATCH": str(args.patch_size),
     }
-    per_core = f"--xla_force_host_platform_device_count={os.cpu_count()}"
 
     def launch(name):
-        flags = env.get("XLA_FLAGS", "") + (f" {per_core}" if name == "jit_chunked_cores" else "")
         proc = subprocess.Popen(
             [sys.executable, __file__, "--engine", name, "--sizes", args.sizes]
             + ["--rounds", str(args.rounds), "--max-unchunked", str(args.max_unchunked)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**env, "XLA_FLAGS": flags.strip()},
+            env=env,
         )
         out = []
         for line in proc.stdout:

@@ -159,10 +159,10 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one_process(tmp_path, idx_dir, tfds_dir):
     """Two local CPU processes (jax.distributed over gloo) with two devices each
-    (``sharding.cpu_devices``), on a 2x2 mesh
-    whose "model" axis splits the server segment inside each process, each process holding half
-    of the clients' samples, train the same run as one single-device process; only process 0
-    writes the metrics, and the checkpoint (gathered across processes) restores on one device."""
+    (``sharding.cpu_devices``), on a 2x2 mesh whose "model" axis splits the server segment inside
+    each process, each process holding half of the clients' samples, train the same run as one
+    single-device process; only process 0 writes the metrics, and the checkpoint (gathered across
+    processes) restores on one device."""
     common = [
         sys.executable,
         "-m",

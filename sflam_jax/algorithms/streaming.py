@@ -189,8 +189,7 @@ class StreamedRound:
             sums, health = self._accumulate(state, sums, plan, block.astype(np.int32), rows)
             healths.append(health)
         # Finite flags back in sampling order: [n, 3, C] per block -> [3, S].
-        healths = [np.asarray(h) for h in jax.device_get(healths)]
-        health = np.concatenate(healths).transpose(1, 0, 2).reshape(3, -1)
+        health = np.concatenate(jax.device_get(healths)).transpose(1, 0, 2).reshape(3, -1)
         flat = slots.reshape(-1)
         order = np.argsort(np.where(flat >= 0, flat, np.iinfo(np.int64).max), kind="stable")
         health = health[:, order[: len(plan_host["clients"])]]
