@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
+import benchlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,7 +177,7 @@ def main():
     print(json.dumps(batch_row), flush=True)
     result = {
         "backend": jax.default_backend(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        **benchlib.describe(),
         "jax": jax.__version__,
         "instances": rows,
         "batch": batch_row,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
+import benchlib
 import jax
 import jax.numpy as jnp
 import optax
@@ -116,7 +116,7 @@ def main():
     result = {
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        **benchlib.describe(),
         "jax": jax.__version__,
         "rows": rows,
     }

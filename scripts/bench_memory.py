@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+import benchlib
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MODES = ("streamed", "resident", "unchunked")
@@ -54,10 +55,10 @@ def one(mode: str, clients_per_round: int) -> dict:
     """Builds the run and trains one round in this process; returns the measurements."""
     import jax
 
-    from sflam_jax import train
+    from sflam_jax import experiment
 
     t0 = time.perf_counter()
-    run = train.build_run(config(mode, clients_per_round))
+    run = experiment.build_run(config(mode, clients_per_round))
     t1 = time.perf_counter()
     state, metrics = run.round_fn(run.initial, 0)
     jax.block_until_ready(state)
@@ -105,7 +106,7 @@ def main() -> None:
     from sflam_jax.metrics import atomic_write_text
 
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        **benchlib.describe(),
         "num_clients": NUM_CLIENTS,
         "chunk_size": CHUNK,
         "rows": rows,

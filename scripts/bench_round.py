@@ -35,7 +35,6 @@ import collections
 import copy
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import time
 import types
 
 import numpy as np
+from benchlib import machine, matmul_flops_per_s, matmul_seconds
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ENGINES = ("jit_chunked", "jit_chunked_cores", "jit_unchunked", "python_steps", "torch_sequential")
@@ -112,7 +112,7 @@ def client_steps(run, clients) -> int:
 def engine_jit(sizes, rounds, chunked: bool, max_unchunked: int, per_core: bool = False):
     import jax
 
-    from sflam_jax import sharding, train
+    from sflam_jax import experiment, sharding
 
     if per_core:
         # Before anything starts the backend; a no-op off the CPU, where the engine is skipped.
@@ -123,7 +123,7 @@ def engine_jit(sizes, rounds, chunked: bool, max_unchunked: int, per_core: bool 
     for s in sizes:
         if not chunked and s > max_unchunked:
             continue
-        run = train.build_run(bench_config(s, min(CHUNK, s) if chunked else 0), dataset)
+        run = experiment.build_run(bench_config(s, min(CHUNK, s) if chunked else 0), dataset)
         box = {"state": run.initial}
         sampled = []
 
@@ -138,11 +138,11 @@ def engine_jit(sizes, rounds, chunked: bool, max_unchunked: int, per_core: bool 
 
 
 def engine_python_steps(sizes, rounds):
-    from sflam_jax import train
+    from sflam_jax import experiment
 
     dataset = jax_setup()
     for s in sizes:
-        run = train.build_run(bench_config(s, 0), dataset)
+        run = experiment.build_run(bench_config(s, 0), dataset)
         sampled = []
         first, median = timed_rounds(python_driven_round(run, dataset, sampled), rounds)
         steps = client_steps(run, sampled[-1])
@@ -154,16 +154,19 @@ def python_driven_round(run, dataset, sampled: list):
     import jax
     import jax.numpy as jnp
 
-    from sflam_jax import train
+    from sflam_jax import experiment
     from sflam_jax.algorithms.base import weighted_sum
     from sflam_jax.data.batches import epoch_orders, gather_rows, local_steps, make_client_data
 
-    alg, cfg = run.algorithm, run.config
+    engine, cfg = run.engine, run.config
+    alg = engine.algorithm
     data = make_client_data(
         dataset.train_images, dataset.train_labels, run.parts, cfg.train.batch_size
     )
     plan_fn = jax.jit(
-        lambda counts, r: alg.round_plan(counts, train.round_key(cfg.seed, r), cfg.quant.up_bits)
+        lambda counts, r: engine.round_plan(
+            counts, experiment.round_key(cfg.seed, r), cfg.quant.up_bits
+        )
     )
     step = jax.jit(alg.client_step)
 
@@ -186,14 +189,14 @@ def python_driven_round(run, dataset, sampled: list):
             weight + w[0],
         )
 
-    average = jax.jit(alg.average)
+    average = jax.jit(engine.average)
     box = {"state": run.initial}
 
     def one_round(r):
         plan, _ = plan_fn(data.counts, np.int32(r))
         plan = jax.device_get(plan)
         state = box["state"]
-        sums = alg.empty_sums(state)
+        sums = engine.empty_sums(state)
         for i in range(len(plan["clients"])):
             count = plan["counts"][i]
             carry, rows, orders, step_key = start(
@@ -216,11 +219,11 @@ def step_flops() -> float:
     import jax
     import jax.numpy as jnp
 
-    from sflam_jax import train
+    from sflam_jax import experiment
     from sflam_jax.data.batches import ClientRows, epoch_orders
 
-    run = train.build_run(bench_config(8, 0), jax_setup())
-    alg = run.algorithm
+    run = experiment.build_experiment(bench_config(8, 0), jax_setup())
+    alg = run.engine.algorithm
     width = 64
     rows = ClientRows(
         images=jnp.zeros((width, 28, 28, 1), jnp.uint8), labels=jnp.zeros((width,), jnp.int32)
@@ -273,23 +276,6 @@ def model_matmuls(cfg, chunk: int) -> dict[tuple, int]:
     return dict(out)
 
 
-def matmul_seconds(lhs_shape: tuple, rhs_shape: tuple, repeats: int) -> float:
-    """Median time of a jitted float32 ``jnp.matmul`` of random operands of these shapes."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), lhs_shape, jnp.float32)
-    b = jax.random.normal(jax.random.key(1), rhs_shape, jnp.float32)
-    f = jax.jit(jnp.matmul)
-    jax.block_until_ready(f(a, b))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def model_matmul_flops_per_s(cfg, chunk: int, repeats: int = 20) -> tuple[float, float]:
     """``(FLOPs of the step's matmuls for one client, their FLOP/s)``, each matmul timed alone
     (median of ``repeats``) at its shape; the FLOP/s are summed FLOPs over summed times."""
@@ -298,11 +284,6 @@ def model_matmul_flops_per_s(cfg, chunk: int, repeats: int = 20) -> tuple[float,
         flops += times * 2.0 * np.prod(batch) * m * k * n
         seconds += times * matmul_seconds((*batch, m, k), (*batch, k, n), repeats)
     return flops / chunk, flops / seconds
-
-
-def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
-    """Dense float32 ``[n, n] x [n, n]`` matmul throughput under jit (median of ``repeats``)."""
-    return 2.0 * n**3 / matmul_seconds((n, n), (n, n), repeats)
 
 
 # -- PyTorch engine ------------------------------------------------------------------------------
@@ -460,18 +441,6 @@ def run_engine(name: str, sizes, rounds: int, max_unchunked: int):
         row.update(engine=name, peak_rss_mib=peak_mib())
         row["steps_per_s"] = row["steps"] / row["round_s"]
         print(json.dumps(row), flush=True)
-
-
-def machine() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` where there is one), its architecture and cores."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        name = f"{names[0]} ({platform.machine()})" if names else name
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs"
 
 
 def table(result) -> str:

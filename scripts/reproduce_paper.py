@@ -19,18 +19,20 @@ import time
 import jax
 import numpy as np
 
-from sflam_jax import train
+from sflam_jax import experiment, train
+from sflam_jax.algorithms import registry
 from sflam_jax.allocation import bcd
 from sflam_jax.allocation.planner import sweep
 from sflam_jax.allocation.problem import make_problem
-from sflam_jax.config import base_config, system_params
+from sflam_jax.config import base_config
 from sflam_jax.data.batches import local_steps
 from sflam_jax.metrics import read_jsonl
 from sflam_jax.plots import bar_figure, line_figure, load_run
 from sflam_jax.wireless.channel import draw_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROTOCOLS = ("sfl", "sfl_v2", "sl", "fl")
+# The protocols SFLAM is compared with.
+PROTOCOLS = tuple(p.name for p in registry.baselines())
 BITS = (32, 16, 8, 4)
 ALPHAS = (0.1, 0.5, 1.0)
 
@@ -70,7 +72,7 @@ def training_runs(base) -> dict:
 
 def planner_costs(config, devices: int, draws: int, seed: int = 0) -> dict:
     """Round costs of ``draws`` channel draws of ``devices`` devices with the default data sizes."""
-    planner = train.planner_for(config, (28, 28, 1), 10)
+    planner = experiment.planner_for(config, (28, 28, 1), 10)
     counts = np.full(devices, 60000 // max(config.data.num_clients, 1))
     steps = local_steps(counts, config.train.batch_size, config.train.local_epochs)
     return sweep(planner, jax.random.key(seed), draws, steps, counts)
@@ -297,8 +299,8 @@ def main():
         note=note,
     )
 
-    planner = train.planner_for(base, (28, 28, 1), 10)
-    params = system_params(base)
+    planner = experiment.planner_for(base, (28, 28, 1), 10)
+    params = experiment.system_params(base)
     counts = np.full(s, 60000 // base.data.num_clients)
     steps = local_steps(counts, base.train.batch_size, base.train.local_epochs)
 

@@ -10,6 +10,7 @@ A checkpoint written by another config stops the run (``CheckpointMismatchError`
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -21,8 +22,56 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from sflam_jax.algorithms.base import RoundState
-from sflam_jax.config import config_differences
+from sflam_jax.config import flatten
 from sflam_jax.errors import CheckpointMismatchError
+
+# Fields a resumed run may change: they steer the run (length, logging, checkpoint cadence, where
+# the files are) but not the numbers of a round. Every other field must match the checkpoint.
+RUN_CONTROL_FIELDS = frozenset(
+    {
+        "num_rounds",
+        "eval_every",
+        "data.idx_dir",
+        "data.data_dir",
+        "data.download",
+        "train.eval_batch_size",
+        "checkpoint.every",
+        "checkpoint.max_to_keep",
+        "metrics.tensorboard",
+        "metrics.progress",
+        # Placement: a run may resume on another mesh or number of processes (the numbers agree
+        # to float rounding, the order of FedAvg's sums being the only difference).
+        "train.stream",
+        "train.chunks_per_block",
+        "sharding.clients",
+        "sharding.model",
+        "sharding.rules",
+        "sharding.cpu_devices",
+        "distributed.enabled",
+        "distributed.coordinator_address",
+        "distributed.num_processes",
+        "distributed.process_id",
+        "distributed.cpu_collectives",
+    }
+)
+
+
+def to_record(cfg) -> dict:
+    """The flattened config as plain JSON values (tuples become lists), as checkpoints store it."""
+    return json.loads(json.dumps(flatten(cfg)))
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``"field is A there and B here"`` for each field outside ``RUN_CONTROL_FIELDS`` that differs
+    between two ``to_record`` dicts (a field missing on one side counts as different)."""
+    missing = object()
+    out = []
+    for field in sorted(set(saved) | set(current)):
+        a, b = saved.get(field, missing), current.get(field, missing)
+        if field not in RUN_CONTROL_FIELDS and a != b:
+            show = lambda v: "absent" if v is missing else repr(v)  # noqa: E731
+            out.append(f"{field} is {show(a)} there and {show(b)} here")
+    return out
 
 
 def _host_value(leaf) -> np.ndarray:

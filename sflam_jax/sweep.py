@@ -31,13 +31,15 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from sflam_jax import quant, train
+from sflam_jax import experiment, quant
+from sflam_jax.algorithms import registry
 from sflam_jax.algorithms.base import HEALTH, check_health, make_evaluate, make_optimizer
-from sflam_jax.config import flatten, validate, validate_partition
+from sflam_jax.config import flatten
 from sflam_jax.data.batches import ClientData, client_table, local_steps
 from sflam_jax.data.partition import partition
 from sflam_jax.errors import ConfigError, NonFiniteError
 from sflam_jax.metrics import MetricWriter, atomic_write_text, read_jsonl, to_python
+from sflam_jax.validation import validate, validate_partition
 
 # Fields batched with vmap. seed and data.alpha change the random partition, which is padded to
 # the group's widest client table; allocation.w_e follows as 1 - w_t.
@@ -137,60 +139,67 @@ def vector_values(cfgs) -> dict[str, jax.Array]:
     return {f: jnp.asarray([c[f] for c in flat], dtype.get(f, jnp.float32)) for f in VECTOR_FIELDS}
 
 
-def specialize(algorithm, config, v: dict):
-    """The algorithm of one point, its vector fields set to the (traced) values ``v``."""
-    planner = algorithm.planner
-    if planner is not None:
-        fixed = planner.fixed_bits
-        if fixed is not None and config.algorithm == "sflam":
-            fixed = v["quant.up_bits"]
-        planner = dataclasses.replace(
-            planner,
-            params=dataclasses.replace(
-                planner.params,
-                p_max_w=v["wireless.p_max_w"],
-                bandwidth_hz=v["wireless.bandwidth_hz"],
-            ),
-            weights=dataclasses.replace(
-                planner.weights, w_t=v["allocation.w_t"], w_e=1.0 - v["allocation.w_t"]
-            ),
-            fixed_bits=fixed,
-        )
-    optimizer = make_optimizer(config.optimizer, learning_rate=v["optimizer.learning_rate"])
-    return dataclasses.replace(algorithm, optimizer=optimizer, planner=planner)
+def specialize_planner(planner, protocol, v: dict):
+    """The planner of one point, its vector fields set to the (traced) values ``v``."""
+    fixed = planner.fixed_bits
+    if fixed is not None and protocol.quantized_cut:
+        fixed = v["quant.up_bits"]
+    return dataclasses.replace(
+        planner,
+        params=dataclasses.replace(
+            planner.params,
+            p_max_w=v["wireless.p_max_w"],
+            bandwidth_hz=v["wireless.bandwidth_hz"],
+        ),
+        weights=dataclasses.replace(
+            planner.weights, w_t=v["allocation.w_t"], w_e=1.0 - v["allocation.w_t"]
+        ),
+        fixed_bits=fixed,
+    )
+
+
+def specialize(exp, v: dict):
+    """The engine of one point of ``exp``'s group, its vector fields set to the values ``v``."""
+    engine = exp.engine
+    optimizer = make_optimizer(exp.config.optimizer, learning_rate=v["optimizer.learning_rate"])
+    return dataclasses.replace(
+        engine,
+        algorithm=dataclasses.replace(engine.algorithm, optimizer=optimizer),
+        planner=specialize_planner(engine.planner, exp.protocol, v),
+    )
 
 
 def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _point_data(run, cfgs) -> ClientData:
+def _point_data(exp, cfgs) -> ClientData:
     """The group's client tables, one partition per point padded to a common width: ``index``
     and ``counts`` get a leading points axis, the images are shared."""
     tables = []
     for cfg in cfgs:
-        parts = partition(run.dataset.train_labels, cfg.data, cfg.seed)
+        parts = partition(exp.dataset.train_labels, cfg.data, cfg.seed)
         validate_partition(cfg, [len(p) for p in parts])
         tables.append(client_table(parts, cfg.train.batch_size))
     width = max(index.shape[1] for index, _ in tables)
     index = np.stack([np.pad(i, ((0, 0), (0, width - i.shape[1]))) for i, _ in tables])
     return ClientData(
-        images=jnp.asarray(run.dataset.train_images),
-        labels=jnp.asarray(run.dataset.train_labels, jnp.int32),
+        images=jnp.asarray(exp.dataset.train_images),
+        labels=jnp.asarray(exp.dataset.train_labels, jnp.int32),
         index=jnp.asarray(index),
         counts=jnp.asarray(np.stack([c for _, c in tables])),
     )
 
 
-def _initial_states(run, cfgs):
+def _initial_states(exp, cfgs):
     """Each point's starting state (its seed's initialisation), stacked."""
-    by_seed = {}
+    by_seed = {exp.config.seed: jax.device_get(exp.initial)}
     for cfg in cfgs:
         if cfg.seed not in by_seed:
             init_key, _ = jax.random.split(jax.random.key(cfg.seed))
-            model_cfg, _, params, _ = train.build_model(cfg, run.dataset, init_key)
+            model_cfg, _, params, _ = experiment.build_model(cfg, exp.dataset, init_key)
             by_seed[cfg.seed] = jax.device_get(
-                train.initial_state(model_cfg, cfg.model.cut_layer, params)
+                experiment.initial_state(model_cfg, cfg.model.cut_layer, params)
             )
     return _stack([by_seed[c.seed] for c in cfgs])
 
@@ -208,29 +217,27 @@ def run_group(cfgs: list, directories: list[str], progress: bool = True) -> None
       directories: one output directory per point.
       progress: show a progress bar over rounds.
     """
-    base = cfgs[0].copy_and_resolve_references()
-    base.train.stream = False  # the group's tables live on the device
-    run = train.build_run(base)
-    algorithm = dataclasses.replace(run.algorithm, layout=None)
-    up_fixed = None if base.algorithm == "sflam" else float(quant.FLOAT_BITS)
-    data = _point_data(run, cfgs)
-    states = _initial_states(run, cfgs)
+    base = cfgs[0]
+    # Model, protocol and engine once for the group; the group's client tables live on the device.
+    exp = experiment.build_experiment(base)
+    up_fixed = None if exp.protocol.quantized_cut else float(quant.FLOAT_BITS)
+    data = _point_data(exp, cfgs)
+    states = _initial_states(exp, cfgs)
     values = vector_values(cfgs)
 
     def point_round(state, data, r, v):
-        algo = specialize(algorithm, base, v)
         up_bits = v["quant.up_bits"] if up_fixed is None else up_fixed
-        return algo.round(state, data, train.round_key(v["seed"], r), up_bits)
+        return specialize(exp, v).round(state, data, experiment.round_key(v["seed"], r), up_bits)
 
     data_axes = ClientData(images=None, labels=None, index=0, counts=0)
     round_fn = jax.jit(jax.vmap(point_round, in_axes=(0, data_axes, None, 0)), donate_argnums=0)
     evaluate = jax.jit(
         jax.vmap(
-            make_evaluate(run.model, run.preprocess, base.train.eval_batch_size),
+            make_evaluate(exp.model, exp.preprocess, base.train.eval_batch_size),
             in_axes=(0, 0, None, None),
         )
     )
-    test = (jnp.asarray(run.dataset.test_images), jnp.asarray(run.dataset.test_labels))
+    test = (jnp.asarray(exp.dataset.test_images), jnp.asarray(exp.dataset.test_labels))
 
     writers = []
     for cfg, directory in zip(cfgs, directories, strict=True):
@@ -238,7 +245,7 @@ def run_group(cfgs: list, directories: list[str], progress: bool = True) -> None
         if os.path.exists(os.path.join(directory, "error.txt")):
             os.remove(os.path.join(directory, "error.txt"))
         atomic_write_text(os.path.join(directory, "config.json"), cfg.to_json_best_effort(indent=2))
-        atomic_write_text(os.path.join(directory, "system.json"), json.dumps(run.system, indent=2))
+        atomic_write_text(os.path.join(directory, "system.json"), json.dumps(exp.system, indent=2))
         writers.append(MetricWriter(directory, -1, False))
     alive = [True] * len(cfgs)
 
@@ -349,25 +356,17 @@ def system_sweep(
 def _system_group(cfgs, draws, image_shape, num_classes, train_size) -> dict[str, np.ndarray]:
     """The planner metrics ``[P, draws]`` of one group's points."""
     cfg0 = cfgs[0]
-    planner = train.planner_for(cfg0, image_shape, num_classes)
-    algorithm = _PlannerOnly(planner)
+    planner = experiment.planner_for(cfg0, image_shape, num_classes)
+    protocol = registry.get(cfg0.algorithm)
     s = cfg0.train.clients_per_round
     counts = jnp.full((s,), train_size // cfg0.data.num_clients, jnp.float32)
     steps = local_steps(counts, cfg0.train.batch_size, cfg0.train.local_epochs)
     batch = max(1, min(draws, 2**22 // s))
 
     def point(v):
-        plan = specialize(algorithm, cfg0, v).planner
+        plan = specialize_planner(planner, protocol, v)
         keys = jax.random.split(jax.random.key(v["seed"]), draws)
         _, metrics = jax.lax.map(lambda k: plan(k, steps, counts), keys, batch_size=batch)
         return metrics
 
     return jax.device_get(jax.jit(jax.vmap(point))(vector_values(cfgs)))
-
-
-@dataclasses.dataclass(frozen=True)
-class _PlannerOnly:
-    """Stands in for an algorithm in ``specialize`` when only the planner is needed."""
-
-    planner: object
-    optimizer: object = None

@@ -94,6 +94,14 @@ def final_state(workdir, step=4, like=None):
         manager.close()
 
 
+def assert_learned(workdir) -> None:
+    """The run's first round lowered the test loss of the starting model (round 0): it trained
+    (the synthetic classes are separable, so one round of any protocol moves the loss down)."""
+    records = read_metrics(workdir)
+    assert records[0]["round"] == 0 and records[1]["round"] == 1
+    assert records[1]["test_loss"] < records[0]["test_loss"] - 1e-3, records[:2]
+
+
 def read_metrics(workdir) -> list[dict]:
     from sflam_jax.metrics import read_jsonl
 

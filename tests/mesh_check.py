@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import tiny  # noqa: E402
 
-from sflam_jax import sharding, train  # noqa: E402
+from sflam_jax import experiment, sharding  # noqa: E402
 
 ROUNDS = 2
 
@@ -46,14 +46,14 @@ def config(mesh: str):
 
 
 saved = {}
-base = train.build_run(config(meshes[0]))  # data, model and initial state, built once
+base = experiment.build_experiment(config(meshes[0]))  # data, model and initial state, built once
 for mesh in meshes:
     cfg = config(mesh)
     layout = sharding.Layout.from_config(cfg.sharding)
     shardings = layout.state_shardings(base.initial)
     state = layout.place(base.initial, shardings)
-    algorithm = dataclasses.replace(base.algorithm, layout=layout)
-    round_fn = train.make_round(cfg, algorithm, shardings, base.dataset, base.parts)
+    engine = dataclasses.replace(base.engine, layout=layout)
+    round_fn = experiment.make_round(cfg, engine, shardings, base.dataset, base.parts)
     records = []
     for r in range(ROUNDS):
         state, metrics = round_fn(state, r)

@@ -1,6 +1,8 @@
 import pytest
 
 from sflam_jax import config as config_lib
+from sflam_jax import validation
+from sflam_jax.errors import ConfigError
 
 BAD = [
     ("seed", -1, "seed=-1"),
@@ -52,7 +54,7 @@ BAD = [
 
 
 def test_base_config_is_valid():
-    config_lib.validate(config_lib.base_config())
+    validation.validate(config_lib.base_config())
 
 
 @pytest.mark.parametrize(("field", "value", "message"), BAD)
@@ -65,11 +67,97 @@ def test_bad_field_is_named(field, value, message):
     with node.ignore_type():
         node[leaf] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        config_lib.validate(cfg)
+        validation.validate(cfg)
 
 
-def test_at_least_25_bad_configs_are_covered():
-    assert len(BAD) >= 25
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"algorithm": "sfl", "allocation.method": "pgd"},
+            r"allocation.method='pgd' is invalid: allowed: 'equal'",
+        ),
+        (
+            {"algorithm": "sl", "train.stream": True},
+            r"algorithm='sl' is invalid: train.stream .* \('sflam', 'sfl', 'fl'\)",
+        ),
+        (
+            {"algorithm": "sfl_v2", "distributed.enabled": True},
+            r"algorithm='sfl_v2' is invalid",
+        ),
+    ],
+)
+def test_protocol_rules_come_from_the_registry(fields, message):
+    cfg = config_lib.base_config()
+    for field, value in fields.items():
+        section, _, leaf = field.rpartition(".")
+        (cfg[section] if section else cfg)[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        validation.validate(cfg)
+
+
+def test_defaults_are_written_once():
+    """The wireless and allocation blocks are the library's own defaults, not copies."""
+    import dataclasses
+
+    from sflam_jax.allocation.problem import Weights
+    from sflam_jax.wireless.channel import SystemParams
+
+    cfg = config_lib.base_config()
+    assert dict(cfg.wireless) == dataclasses.asdict(SystemParams())
+    for field in ("w_t", "w_e", "bits_min", "bits_max", "eps_q", "value_range"):
+        assert cfg.allocation[field] == getattr(Weights(), field)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--config.train.clent_per_round=3"],
+            "sflam_jax: --config.train.clent_per_round: 'train.clent_per_round' is not a config "
+            "field; did you mean --config.train.clients_per_round?",
+        ),
+        (["--config.train.batch_size=abc"], "sflam_jax: flag --config.train.batch_size=abc: "),
+        (["--config.train.batch_size=0"], "sflam_jax: train.batch_size=0 is invalid: "),
+        (["--nope=1"], "sflam_jax: Unknown command line flag 'nope'"),
+    ],
+)
+def test_bad_command_line_is_one_line(args, message, tmp_path):
+    """Each bad input ends in one ``sflam_jax: ...`` line on stderr and exit status 1."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import CLI_ENV, ROOT
+
+    config = os.path.join(ROOT, "configs", "tiny.py")
+    command = [sys.executable, "-m", "sflam_jax.main", f"--config={config}"]
+    proc = subprocess.run(
+        [*command, f"--workdir={tmp_path}", *args], env=CLI_ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import CLI_ENV
+
+    missing = str(tmp_path / "nope.py")
+    for flag in ([f"--config={missing}"], ["--config", missing]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "sflam_jax.main", *flag, f"--workdir={tmp_path}"],
+            env=CLI_ENV,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 1
+        assert proc.stderr == f"sflam_jax: --config={missing!r}: no such config file " + (
+            "(see configs/ for the experiments)\n"
+        )
 
 
 @pytest.mark.parametrize(
@@ -89,36 +177,36 @@ def test_at_least_25_bad_configs_are_covered():
 def test_unknown_fields_are_rejected_with_the_nearest_name(section, leaf, message):
     cfg = config_lib.base_config()
     (cfg if section is None else cfg[section])[leaf] = 1
-    with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        validation.validate(cfg)
 
 
 def test_missing_field_is_named():
     cfg = config_lib.base_config()
     del cfg.train["chunk_size"]
     with pytest.raises(ValueError, match="no field 'train.chunk_size'"):
-        config_lib.validate(cfg)
+        validation.validate(cfg)
 
 
 def test_partition_dependent_rules():
     cfg = config_lib.base_config()
-    config_lib.validate_partition(cfg, [0, 32, 5])
+    validation.validate_partition(cfg, [0, 32, 5])
     with pytest.raises(ValueError, match=r"train.batch_size=32 is invalid: exceeds the largest "):
-        config_lib.validate_partition(cfg, [3, 31, 0])
+        validation.validate_partition(cfg, [3, 31, 0])
     with pytest.raises(ValueError, match=r"data.num_clients=50 is invalid: leaves every client"):
-        config_lib.validate_partition(cfg, [0, 0])
+        validation.validate_partition(cfg, [0, 0])
 
 
 def test_data_dependent_rules():
     cfg = config_lib.base_config()
     with pytest.raises(ValueError, match="model.patch_size=7"):
-        config_lib.validate_data(cfg, (30, 30, 1), 60000)
+        validation.validate_data(cfg, (30, 30, 1), 60000)
     with pytest.raises(ValueError, match="data.mean"):
         cfg.data.mean, cfg.data.std = (0.5, 0.5), (0.5, 0.5)
-        config_lib.validate_data(cfg, (28, 28, 3), 60000)
+        validation.validate_data(cfg, (28, 28, 3), 60000)
     cfg = config_lib.base_config()
     with pytest.raises(ValueError, match="data.num_clients=50"):
-        config_lib.validate_data(cfg, (28, 28, 1), 40)
+        validation.validate_data(cfg, (28, 28, 1), 40)
 
 
 def _load(name):
@@ -134,7 +222,7 @@ def _load(name):
 
 @pytest.mark.parametrize("name", ["default", "tiny", "cifar10_vit_b32"])
 def test_shipped_configs_are_valid(name):
-    config_lib.validate(_load(name))
+    validation.validate(_load(name))
 
 
 def test_paper_config_builds_vit_b32_at_224px():

@@ -10,7 +10,15 @@ import subprocess
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import CLI_ENV, ROOT, cli_command, final_state, read_metrics, synthetic_images
+from conftest import (
+    CLI_ENV,
+    ROOT,
+    assert_learned,
+    cli_command,
+    final_state,
+    read_metrics,
+    synthetic_images,
+)
 
 from sflam_jax import train
 from sflam_jax.algorithms.base import check_health
@@ -199,7 +207,8 @@ def _run_one_round(cfg, workdir, **fields):
 
 def test_two_bit_cut_layer_trains(tiny_config, tmp_path):
     record = _run_one_round(tiny_config, tmp_path, quant__up_bits=2, quant__down_bits=2)
-    assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
+    assert record["bits_mean"] == 2
+    assert_learned(tmp_path)
 
 
 def test_a_single_client(tiny_config, tmp_path):
@@ -216,7 +225,8 @@ def test_one_sample_per_client(tiny_config, tmp_path):
         train__clients_per_round=5,
         train__batch_size=1,
     )
-    assert record["samples"] == 5 and np.isfinite(record["train_loss"])
+    assert record["samples"] == 5
+    assert_learned(tmp_path)
 
 
 def test_clients_without_samples_take_no_steps(tiny_config, tmp_path):
@@ -229,7 +239,8 @@ def test_clients_without_samples_take_no_steps(tiny_config, tmp_path):
     sizes = [len(p) for p in partition(labels, cfg.data, cfg.seed)]
     assert 0 in sizes, "the test needs an empty client"
     record = _run_one_round(cfg, tmp_path)
-    assert record["samples"] == 240 and np.isfinite(record["train_loss"])
+    assert record["samples"] == 240
+    assert_learned(tmp_path)
 
 
 def test_batch_larger_than_any_client_is_rejected(tiny_config, tmp_path):

@@ -17,12 +17,19 @@ import pytest
 
 from sflam_jax import quant
 from sflam_jax.algorithms.base import Preprocess, RoundState, sample_clients
-from sflam_jax.algorithms.sflam import SFLAM
+from sflam_jax.algorithms.sflam import SFLV1
 from sflam_jax.data.batches import epoch_orders, make_client_data
+from sflam_jax.engine import Engine
 from sflam_jax.models import split as split_lib
 from sflam_jax.models import vit
 
 LR, MOMENTUM, B, E = 0.05, 0.9, 4, 2
+
+
+def engine_of(model, pre, per_round=3, chunk_size=0, down_bits=32, cls=SFLV1, **kw):
+    """The round engine of a protocol's training ``cls`` with the tests' SGD, E and B."""
+    algorithm = cls(model, optax.sgd(LR, momentum=MOMENTUM), pre, E, B, down_bits=down_bits, **kw)
+    return Engine(algorithm, per_round, chunk_size=chunk_size)
 
 
 def _setup(sizes, cut_layer, seed=0):
@@ -159,16 +166,7 @@ CASES = [
 def test_round_matches_python_loop(sizes, cut, bits, down_bits, chunk):
     model, state, data, images, labels, parts = _setup(sizes, cut)
     pre = Preprocess(mean=(0.5,), std=(0.5,), image_size=14)
-    alg = SFLAM(
-        model=model,
-        optimizer=optax.sgd(LR, momentum=MOMENTUM),
-        preprocess=pre,
-        clients_per_round=3,
-        local_epochs=E,
-        batch_size=B,
-        down_bits=down_bits,
-        chunk_size=chunk,
-    )
+    alg = engine_of(model, pre, down_bits=down_bits, chunk_size=chunk)
     key = jax.random.key(42)
     clients, ref_c, ref_s, ref_loss = _oracle_round(
         model, state, images, labels, parts, key, 3, bits, down_bits, pre
@@ -190,7 +188,7 @@ def test_round_matches_python_loop(sizes, cut, bits, down_bits, chunk):
 def test_quantization_changes_the_result():
     model, state, data, *_ = _setup([8, 16, 4, 12, 8], 0)
     pre = Preprocess(mean=(0.5,), std=(0.5,), image_size=14)
-    alg = SFLAM(model, optax.sgd(LR, momentum=MOMENTUM), pre, 3, E, B)
+    alg = engine_of(model, pre)
     run = jax.jit(alg.round)
     s2, _ = run(state, data, jax.random.key(1), 2)
     s32, _ = run(state, data, jax.random.key(1), 32)
@@ -201,7 +199,7 @@ def test_quantization_changes_the_result():
 def test_round_compiles_once_and_is_deterministic():
     model, state, data, *_ = _setup([8, 16, 4, 12, 8], 1)
     pre = Preprocess(mean=(0.5,), std=(0.5,), image_size=14)
-    alg = SFLAM(model, optax.sgd(LR, momentum=MOMENTUM), pre, 3, E, B, chunk_size=2)
+    alg = engine_of(model, pre, chunk_size=2)
     traced = chex.assert_max_traces(alg.round, n=1)
     run = jax.jit(traced, donate_argnums=0)
     copy = lambda s: jax.tree.map(jnp.array, s)  # noqa: E731

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import CLI_ENV, ROOT, final_state, read_metrics
 
-from sflam_jax import sharding
-from sflam_jax.algorithms import streaming
-from sflam_jax.config import base_config, validate
+from sflam_jax import sharding, streaming
+from sflam_jax.config import base_config
 from sflam_jax.data.batches import HostClients, client_table
 from sflam_jax.errors import ConfigError
+from sflam_jax.validation import validate
 
 MESHES = ("8x1", "4x2", "2x4", "1x8")
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import read_metrics
 
-from sflam_jax import sweep, train
+from sflam_jax import experiment, sweep, train
 from sflam_jax.config import base_config
 from sflam_jax.data.batches import local_steps
 from sflam_jax.errors import ConfigError
@@ -85,7 +85,7 @@ def test_system_sweep_matches_the_planner_point_by_point():
     rows = sweep.system_sweep(cfg, grid, draws=3)
     assert len(rows) == 4
     for (_, point_cfg), row in zip(sweep.grid_points(cfg, grid), rows, strict=True):
-        planner = jax.jit(train.planner_for(point_cfg, (28, 28, 1), 10))
+        planner = jax.jit(experiment.planner_for(point_cfg, (28, 28, 1), 10))
         counts = np.full(10, 60000 // 50)
         steps = local_steps(counts, 32, 1)
         keys = jax.random.split(jax.random.key(0), 3)

@@ -142,7 +142,7 @@ def test_fl_costs_by_hand():
         server_params=9000,
     )
     out = costs.fl_round_costs(
-        _one_device(), jnp.array([5]), jnp.array([0.1]), jnp.array([1e6]), work, P
+        _one_device(), jnp.array([5]), jnp.array([0.1]), jnp.array([1e6]), jnp.array([8.0]), work, P
     )
     n0 = P.noise_w_per_hz
     r_up = 1e6 * np.log2(1 + 0.1 * 1e-10 / (1e6 * n0))
@@ -160,7 +160,7 @@ def test_fl_costs_by_hand():
 def test_sl_serialises_devices_with_the_whole_band():
     devices = channel.draw_devices(jax.random.key(3), 4, P)
     steps, power, bits = jnp.full(4, 3.0), jnp.full(4, 0.2), jnp.full(4, 8.0)
-    sl = costs.sl_round_costs(devices, steps, power, bits, WORK, P)
+    sl = costs.sl_round_costs(devices, steps, power, jnp.full(4, 1e6), bits, WORK, P)
     np.testing.assert_allclose(sl["round_latency_s"], sl["latency_s"].sum(), rtol=1e-6)
     # Device k alone: all of B and an unshared server.
     single = costs.sflam_round_costs(

@@ -1,10 +1,11 @@
-"""State types and pieces shared by the protocols: sampling, FedAvg, the loss, evaluation."""
+"""State types and pieces shared by the protocols: the protocol value, sampling, the split training
+step, FedAvg, the loss, evaluation."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any
 
 import flax.struct
 import jax
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sflam_jax.data.batches import ClientData
+from sflam_jax import quant
+from sflam_jax.data.batches import ClientRows, client_batch
 from sflam_jax.errors import NonFiniteError
 from sflam_jax.models.split import SplitModel
 
@@ -43,12 +45,51 @@ class RoundState:
         return cls(jnp.zeros((), jnp.int32), params_c, params_s, zero(), zero())
 
 
-class Algorithm(Protocol):
-    """A training protocol: one jit-able round over a sample of clients."""
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """Everything that defines a training protocol, declared once in its own module and registered
+    in ``algorithms.registry`` under ``name`` (the value of ``config.algorithm``).
 
-    def round(
-        self, state: RoundState, data: ClientData, key: jax.Array
-    ) -> tuple[RoundState, dict[str, jax.Array]]: ...
+    Attributes:
+      name: the ``config.algorithm`` value.
+      title: one line for tables and progress bars.
+      make: ``(**SplitTraining fields) -> algorithm``, the protocol's round. An algorithm with
+        ``parallel = True`` trains the clients of a chunk side by side (``train_chunk``) and is
+        aggregated by the engine's FedAvg; otherwise it trains the round's clients in sequence and
+        aggregates them itself (``train_sequence``).
+      cost_model: latency and device energy of one round (``wireless.costs``, common signature
+        ``(devices, steps, power_w, bandwidth_hz, up_bits, workload, params, down_bits)``).
+      cost_split: whether the round's compute/communication split is reported (the slowest
+        device's, meaningful when the round time is one device's finish time).
+      quantized_cut: ``quant.up_bits`` / ``quant.down_bits`` apply; otherwise float32 both ways.
+      aqt: ``config.aqt`` applies; otherwise the matmuls are float.
+      allocators: the ``allocation.method`` values it accepts.
+      optimizes_bits: ``allocation.optimize_bits`` lets the solver choose its cut-layer bits.
+      streamable: it can run host-streamed (``train.stream``) and across several processes.
+      baseline: its latency and energy are reported next to every run's own (SPEC section 3).
+      config_block: ``() -> ConfigDict`` of its own fields, set at ``config.<name>``; None: none.
+      validate: ``(config) -> None`` raising ``ConfigError`` for a bad field of its block.
+    """
+
+    name: str
+    title: str
+    make: Callable[..., Any]
+    cost_model: Callable[..., dict]
+    cost_split: bool
+    quantized_cut: bool
+    aqt: bool
+    allocators: tuple[str, ...]
+    optimizes_bits: bool
+    streamable: bool
+    baseline: bool
+    config_block: Callable[[], Any] | None = None
+    validate: Callable[[Any], None] | None = None
+
+    def cut_bits(self, quant_cfg) -> tuple[int, int]:
+        """Uplink and downlink cut-layer bits: the config's, or float (32) both ways."""
+        if self.quantized_cut:
+            return quant_cfg.up_bits, quant_cfg.down_bits
+        return quant.FLOAT_BITS, quant.FLOAT_BITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +112,10 @@ def sample_clients(key: jax.Array, num_clients: int, per_round: int) -> jax.Arra
     return jax.random.choice(key, num_clients, (per_round,), replace=False).astype(jnp.int32)
 
 
+# The values of ``optimizer.name``.
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
 def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
     """The local optimizer of devices and server copies from ``config.optimizer``;
     ``learning_rate`` (a float or a traced scalar, for vectorized sweeps) replaces the config's."""
@@ -83,10 +128,77 @@ def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
     elif name == "adamw":
         return optax.adamw(lr, weight_decay=opt_cfg.weight_decay)
     else:
-        raise ValueError(f"optimizer.name={name!r} is unknown; allowed: 'sgd', 'adam', 'adamw'")
+        raise ValueError(f"optimizer.name={name!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
     if opt_cfg.weight_decay:
         tx = optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay), tx)
     return tx
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitTraining:
+    """One client's local split training (SPEC section 1, step 2), shared by every protocol.
+
+    Attributes:
+      model: the split ViT.
+      optimizer: local optimizer of devices and server copies (fresh state every round).
+      preprocess: uint8 images -> model inputs.
+      local_epochs: E.
+      batch_size: B.
+      down_bits: bits of the downlink gradient (32: float).
+    """
+
+    model: SplitModel
+    optimizer: optax.GradientTransformation
+    preprocess: Preprocess
+    local_epochs: int
+    batch_size: int
+    down_bits: int = 32
+
+    def client_loss(self, params_c, params_s, images, labels, mask, up_bits, key):
+        """Masked mean loss of one client's batch through the quantized cut.
+
+        Returns ``(loss, (summed loss, correct predictions))``; its gradient with respect to
+        ``params_c`` is the device's update direction given the quantized server gradient.
+        """
+        k_client, k_link, k_server = jax.random.split(key, 3)
+        smashed = self.model.client_apply(params_c, self.preprocess(images), k_client)
+        received = quant.cut_layer_channel(smashed, up_bits, self.down_bits, k_link)
+        logits = self.model.server_apply(params_s, received, k_server)
+        loss, total, correct = masked_cross_entropy(logits, labels, mask)
+        return loss, (total, correct)
+
+    def start_carry(self, params_c, params_s):
+        """A client's local-training carry: both segments, fresh optimizer states, ``[3]`` stats
+        (summed loss, correct predictions, samples seen)."""
+        return (
+            params_c,
+            params_s,
+            self.optimizer.init(params_c),
+            self.optimizer.init(params_s),
+            jnp.zeros((3,), jnp.float32),
+        )
+
+    def client_step(self, carry, rows: ClientRows, count, orders, up_bits, key, step):
+        """One local step of one client and its server copy; a step with no samples is a no-op."""
+        params_c, params_s, opt_c, opt_s, stats = carry
+        images, labels, mask = client_batch(rows, count, orders, step, self.batch_size)
+        grad_fn = jax.value_and_grad(self.client_loss, argnums=(0, 1), has_aux=True)
+        (_, (total, correct)), (g_c, g_s) = grad_fn(
+            params_c, params_s, images, labels, mask, up_bits, jax.random.fold_in(key, step)
+        )
+        upd_c, new_opt_c = self.optimizer.update(g_c, opt_c, params_c)
+        upd_s, new_opt_s = self.optimizer.update(g_s, opt_s, params_s)
+        active = jnp.any(mask)
+        new = (
+            optax.apply_updates(params_c, upd_c),
+            optax.apply_updates(params_s, upd_s),
+            new_opt_c,
+            new_opt_s,
+        )
+        old = (params_c, params_s, opt_c, opt_s)
+        kept = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
+        n = jnp.sum(mask.astype(jnp.float32))
+        return (*kept, stats + jnp.stack([total, correct, n]))
 
 
 def masked_cross_entropy(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +14,7 @@ from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.problem import Weights, evaluate, make_problem
 from sflam_jax.quant import FLOAT_BITS
 from sflam_jax.wireless.channel import SystemParams, draw_devices
-from sflam_jax.wireless.costs import (
-    Workload,
-    fl_round_costs,
-    sfl_v2_round_costs,
-    sflam_round_costs,
-    sl_round_costs,
-)
-
-# Protocols whose own costs the planner reports as the round's (SPEC sections 1 and 3).
-PROTOCOLS = ("sflam", "sfl", "sfl_v2", "sl", "fl")
+from sflam_jax.wireless.costs import Workload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,23 +26,26 @@ class RoundPlanner:
       workload: FLOPs and sizes of the split model.
       params: wireless and compute constants.
       weights: objective weights, bit range and learning budget.
+      cost_model: the protocol's round costs at the allocation (``wireless.costs``, common
+        signature); they give ``round_latency_s`` and ``round_energy_j`` (so the simulated clock).
+      cost_split: report the slowest device's compute / communication split and the energy split.
+      comparisons: ``((name, cost_model), ...)`` reported as ``<name>_round_latency_s`` and
+        ``<name>_round_energy_j`` at full power, equal bandwidth and float traffic (SPEC 3).
       fixed_bits: cut-layer bits for every device, or None to let the solver choose them.
       pgd: descent settings when ``method == "pgd"``.
-      protocol: whose latency and energy are the round's ``round_latency_s`` and
-        ``round_energy_j`` (and so the simulated clock); "sflam" and "sfl" use the allocation.
     """
 
     method: str
     workload: Workload
     params: SystemParams
     weights: Weights
+    cost_model: Callable[..., dict]
+    cost_split: bool = True
+    comparisons: tuple = ()
     fixed_bits: int | None = None
     pgd: PGDOptions = PGDOptions()
-    protocol: str = "sflam"
 
     def __post_init__(self):
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"algorithm={self.protocol!r} is unknown; allowed: {PROTOCOLS}")
         if self.method not in IN_GRAPH:
             raise ValueError(
                 f"allocation.method={self.method!r} is unknown; allowed: {sorted(IN_GRAPH)}"
@@ -65,8 +60,9 @@ class RoundPlanner:
           counts: ``[S]`` samples n_k (FedAvg weights).
 
         Returns:
-          ``(bits [S], metrics)``; metrics are scalars: latency and energy of the round with
-          their compute / communication split, the objective and the allocation statistics.
+          ``(bits [S], metrics)``; metrics are scalars: latency and energy of the round (with
+          their compute / communication split when ``cost_split``), the objective and the
+          allocation statistics.
         """
         s = steps.shape[0]
         devices = draw_devices(key, s, self.params)
@@ -77,17 +73,22 @@ class RoundPlanner:
             allocation, _ = IN_GRAPH["pgd"](problem, bits, self.pgd)
         else:
             allocation, _ = IN_GRAPH[self.method](problem, bits)
-        costs = evaluate(problem, allocation)
-        slowest = jnp.argmax(costs["latency_s"])
+        solved = evaluate(problem, allocation)
+        costs = self.cost_model(
+            devices,
+            steps,
+            allocation.power_w,
+            allocation.bandwidth_hz,
+            allocation.bits,
+            self.workload,
+            self.params,
+            self.weights.down_bits,
+        )
         metrics = {
             "round_latency_s": costs["round_latency_s"],
-            "round_compute_s": costs["compute_s"][slowest],
-            "round_comm_s": costs["comm_s"][slowest],
             "round_energy_j": costs["round_energy_j"],
-            "round_compute_energy_j": jnp.sum(costs["compute_energy_j"]),
-            "round_comm_energy_j": jnp.sum(costs["comm_energy_j"]),
-            "objective": costs["objective"],
-            "quant_error": costs["quant_error"],
+            "objective": solved["objective"],
+            "quant_error": solved["quant_error"],
             "bits_mean": jnp.mean(allocation.bits),
             "bits_min": jnp.min(allocation.bits),
             "bits_max": jnp.max(allocation.bits),
@@ -95,38 +96,29 @@ class RoundPlanner:
             "bandwidth_min_hz": jnp.min(allocation.bandwidth_hz),
             "bandwidth_max_hz": jnp.max(allocation.bandwidth_hz),
         }
-        metrics.update(self.protocol_costs(devices, steps))
-        if self.protocol in ("sfl_v2", "sl", "fl"):
-            # The split by compute and communication above is SFL-V1's; the protocol's totals
-            # replace the round's.
-            for key in ("round_compute_s", "round_comm_s"):
-                metrics.pop(key)
-            for key in ("round_compute_energy_j", "round_comm_energy_j"):
-                metrics.pop(key)
-            metrics["round_latency_s"] = metrics[f"{self.protocol}_round_latency_s"]
-            metrics["round_energy_j"] = metrics[f"{self.protocol}_round_energy_j"]
+        if self.cost_split:
+            slowest = jnp.argmax(costs["latency_s"])
+            metrics.update(
+                round_compute_s=costs["compute_s"][slowest],
+                round_comm_s=costs["comm_s"][slowest],
+                round_compute_energy_j=jnp.sum(costs["compute_energy_j"]),
+                round_comm_energy_j=jnp.sum(costs["comm_energy_j"]),
+            )
+        metrics.update(self.comparison_costs(devices, steps))
         return allocation.bits, metrics
 
-    def protocol_costs(self, devices, steps) -> dict[str, jax.Array]:
-        """T_round and E_round of SFL (32 bits), SFL-V2, SL and FL for the same devices (SPEC 3),
-        each at full power with the band split equally (SL: the whole band, one at a time)."""
+    def comparison_costs(self, devices, steps) -> dict[str, jax.Array]:
+        """T_round and E_round of the comparison protocols for the same devices (SPEC 3), each at
+        full power with the band split equally and float cut-layer traffic."""
         s = steps.shape[0]
         full = jnp.full((s,), self.params.p_max_w)
         equal = jnp.full((s,), self.params.bandwidth_hz / s)
         floats = jnp.full((s,), float(FLOAT_BITS))
-        down = self.weights.down_bits
-        runs = {
-            "sfl": sflam_round_costs(
-                devices, steps, full, equal, floats, self.workload, self.params, down
-            ),
-            "sfl_v2": sfl_v2_round_costs(
-                devices, steps, full, equal, floats, self.workload, self.params, down
-            ),
-            "sl": sl_round_costs(devices, steps, full, floats, self.workload, self.params),
-            "fl": fl_round_costs(devices, steps, full, equal, self.workload, self.params),
-        }
         out = {}
-        for name, c in runs.items():
+        for name, cost_model in self.comparisons:
+            c = cost_model(
+                devices, steps, full, equal, floats, self.workload, self.params, FLOAT_BITS
+            )
             out[f"{name}_round_latency_s"] = c["round_latency_s"]
             out[f"{name}_round_energy_j"] = c["round_energy_j"]
         return out

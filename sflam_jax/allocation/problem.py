@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from sflam_jax import quant
 from sflam_jax.wireless.channel import Devices, SystemParams, rate_bps
-from sflam_jax.wireless.costs import Workload, sflam_round_costs
+from sflam_jax.wireless.costs import Workload, round_loads, sflam_round_costs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,27 +161,14 @@ def make_problem(
 
 def link_loads(problem: Problem, bits: jax.Array) -> dict[str, jax.Array]:
     """The fixed-bits terms ``A_k, C_k, D_k, H_k`` of the module docstring (``[S]`` each)."""
-    w, p, dev = problem.workload, problem.params, problem.devices
-    b = w.batch_size
-    s = problem.num_devices
-    t_cf = b * w.client_flops / (p.flops_per_cycle * dev.cpu_hz)
-    t_srv = 3.0 * b * w.server_flops * s / p.server_flops
-    agg = quant.FLOAT_BITS * w.client_params
-    return {
-        "compute_s": problem.steps * (3.0 * t_cf + t_srv),
-        "compute_j": problem.steps
-        * p.kappa
-        * dev.cpu_hz**2
-        * 3.0
-        * b
-        * w.client_flops
-        / p.flops_per_cycle,
-        "up_bits": problem.steps * b * quant.payload_bits(bits, w.values_per_sample) + agg,
-        "down_bits": problem.steps
-        * b
-        * quant.payload_bits(problem.weights.down_bits, w.values_per_sample)
-        + agg,
-    }
+    return round_loads(
+        problem.devices,
+        problem.steps,
+        bits,
+        problem.workload,
+        problem.params,
+        problem.weights.down_bits,
+    )
 
 
 def evaluate(problem: Problem, allocation: Allocation) -> dict[str, jax.Array]:

@@ -32,6 +32,73 @@ class Workload:
     server_params: int = 0
 
 
+def step_terms(
+    devices: Devices,
+    up_bits: jax.Array,
+    workload: Workload,
+    params: SystemParams,
+    down_bits: jax.Array | int = FLOAT_BITS,
+    server_copies: int | None = None,
+) -> dict[str, jax.Array]:
+    """The per-step and per-round terms of SPEC section 3, the one place they are written.
+
+    Args:
+      devices: the S devices (``[S]`` arrays).
+      up_bits: ``[S]`` cut-layer bits b_k (32 = float32).
+      workload: FLOPs and sizes of the split model.
+      params: the system constants.
+      down_bits: downlink gradient bits.
+      server_copies: server segments sharing F_server at once (default S).
+
+    Returns:
+      ``t_cf`` (device forward, s), ``t_cb`` (device backward, s), ``t_srv`` (server forward and
+      backward, s), ``cycles_fwd`` (device cycles of a forward, ``B F_c / phi``),
+      ``up_step_bits`` (``B P(b)``), ``down_step_bits`` (``B P(g_bits)``) per local step, and
+      ``agg_bits`` (``32 |w_c|``, each way once per round).
+    """
+    s = devices.gain.shape[-1] if server_copies is None else server_copies
+    b = workload.batch_size
+    cycles_fwd = b * workload.client_flops / params.flops_per_cycle
+    t_cf = cycles_fwd / devices.cpu_hz
+    return {
+        "t_cf": t_cf,
+        "t_cb": 2.0 * t_cf,
+        "t_srv": 3.0 * b * workload.server_flops * s / params.server_flops,
+        "cycles_fwd": cycles_fwd,
+        "up_step_bits": b * payload_bits(up_bits, workload.values_per_sample),
+        "down_step_bits": b * payload_bits(down_bits, workload.values_per_sample),
+        # float: ViT-B sizes overflow int32
+        "agg_bits": float(FLOAT_BITS) * workload.client_params,
+    }
+
+
+def compute_energy_j(steps, terms: dict, devices: Devices, params: SystemParams) -> jax.Array:
+    """Device compute energy of ``steps`` local steps, ``tau_k kappa f_k^2 3 B F_c / phi``."""
+    return steps * params.kappa * devices.cpu_hz**2 * 3.0 * terms["cycles_fwd"]
+
+
+def round_loads(
+    devices: Devices,
+    steps: jax.Array,
+    up_bits: jax.Array,
+    workload: Workload,
+    params: SystemParams,
+    down_bits: jax.Array | int = FLOAT_BITS,
+) -> dict[str, jax.Array]:
+    """An SFL-V1 round's channel-independent loads per device (``[S]`` each): ``compute_s``
+    ``A_k = tau_k (t_cf + t_cb + t_srv)``, ``compute_j`` ``C_k = tau_k E_cmp``, ``up_bits``
+    ``D_k = tau_k B P(b_k) + 32 |w_c|`` and ``down_bits`` ``H_k = tau_k B P(g_bits) + 32 |w_c|``;
+    the round takes ``T_k = A_k + D_k / r_up + H_k / r_dn`` and ``E_k = C_k + p_k D_k / r_up``."""
+    t = step_terms(devices, up_bits, workload, params, down_bits)
+    steps = jnp.asarray(steps, jnp.float32)
+    return {
+        "compute_s": steps * (t["t_cf"] + t["t_cb"] + t["t_srv"]),
+        "compute_j": compute_energy_j(steps, t, devices, params),
+        "up_bits": steps * t["up_step_bits"] + t["agg_bits"],
+        "down_bits": steps * t["down_step_bits"] + t["agg_bits"],
+    }
+
+
 def sflam_round_costs(
     devices: Devices,
     steps: jax.Array,
@@ -49,7 +116,7 @@ def sflam_round_costs(
     ``t_srv = 3 B F_s S / F_server``, ``t_dn = B P(g_bits) / r_dn``; per round
     ``T_k = tau_k (t_cf + t_up + t_srv + t_dn + t_cb) + t_agg_up + t_agg_dn`` with
     ``32 |w_c|`` bits each way for aggregation, and
-    ``E_k = tau_k (kappa f^2 3 B F_c / phi + p t_up) + p t_agg_up``.
+    ``E_k = tau_k (kappa f^2 3 B F_c / phi + p t_up) + p t_agg_up`` (terms from ``step_terms``).
 
     Args:
       devices: the S devices (``[S]`` arrays).
@@ -68,24 +135,17 @@ def sflam_round_costs(
       ``round_energy_j`` (sum over devices).
     """
     n0 = params.noise_w_per_hz
-    s = devices.gain.shape[-1] if server_copies is None else server_copies
-    b = workload.batch_size
+    t = step_terms(devices, up_bits, workload, params, down_bits, server_copies)
     steps = jnp.asarray(steps, jnp.float32)
     r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
     r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
+    t_up = t["up_step_bits"] / r_up
+    t_dn = t["down_step_bits"] / r_dn
+    t_agg_up, t_agg_dn = t["agg_bits"] / r_up, t["agg_bits"] / r_dn
 
-    cycles_fwd = b * workload.client_flops / params.flops_per_cycle
-    t_cf = cycles_fwd / devices.cpu_hz
-    t_cb = 2.0 * t_cf
-    t_srv = 3.0 * b * workload.server_flops * s / params.server_flops
-    t_up = b * payload_bits(up_bits, workload.values_per_sample) / r_up
-    t_dn = b * payload_bits(down_bits, workload.values_per_sample) / r_dn
-    agg_bits = float(FLOAT_BITS) * workload.client_params  # float: ViT-B sizes overflow int32
-    t_agg_up, t_agg_dn = agg_bits / r_up, agg_bits / r_dn
-
-    compute_s = steps * (t_cf + t_cb + t_srv)
+    compute_s = steps * (t["t_cf"] + t["t_cb"] + t["t_srv"])
     comm_s = steps * (t_up + t_dn) + t_agg_up + t_agg_dn
-    compute_energy = steps * params.kappa * devices.cpu_hz**2 * 3.0 * cycles_fwd
+    compute_energy = compute_energy_j(steps, t, devices, params)
     comm_energy = power_w * (steps * t_up + t_agg_up)
     return _totals(compute_s, comm_s, compute_energy, comm_energy)
 
@@ -111,12 +171,15 @@ def fl_round_costs(
     steps: jax.Array,
     power_w: jax.Array,
     bandwidth_hz: jax.Array,
+    up_bits: jax.Array,
     workload: Workload,
     params: SystemParams,
+    down_bits: jax.Array | int = FLOAT_BITS,
 ) -> dict[str, jax.Array]:
     """FedAvg with the whole model on each device (SPEC section 3): local compute of both
-    segments, then ``32 (|w_c| + |w_s|)`` bits up and down once per round. Same keys as
-    ``sflam_round_costs``."""
+    segments, then ``32 (|w_c| + |w_s|)`` bits up and down once per round. Arguments and keys as
+    ``sflam_round_costs`` (FL has no cut: ``up_bits`` and ``down_bits`` are unused)."""
+    del up_bits, down_bits
     n0 = params.noise_w_per_hz
     steps = jnp.asarray(steps, jnp.float32)
     flops = workload.client_flops + workload.server_flops
@@ -135,6 +198,7 @@ def sl_round_costs(
     devices: Devices,
     steps: jax.Array,
     power_w: jax.Array,
+    bandwidth_hz: jax.Array,
     up_bits: jax.Array,
     workload: Workload,
     params: SystemParams,
@@ -142,7 +206,9 @@ def sl_round_costs(
 ) -> dict[str, jax.Array]:
     """Vanilla split learning: devices train one after another, each with the whole band and the
     whole server, and hand the client segment on through the server (``32 |w_c|`` bits up and
-    down each). ``round_latency_s`` is the sum over devices."""
+    down each). ``round_latency_s`` is the sum over devices. Arguments as ``sflam_round_costs``;
+    ``bandwidth_hz`` is unused (each device has the whole band in its turn)."""
+    del bandwidth_hz
     full_band = jnp.full_like(devices.gain, params.bandwidth_hz)
     per_device = sflam_round_costs(
         devices, steps, power_w, full_band, up_bits, workload, params, down_bits, server_copies=1
@@ -177,8 +243,7 @@ def sfl_v2_round_costs(
     costs = sflam_round_costs(
         devices, steps, power_w, bandwidth_hz, up_bits, workload, params, down_bits, 1
     )
-    busy = jnp.sum(jnp.asarray(steps, jnp.float32), -1) * (
-        3.0 * workload.batch_size * workload.server_flops / params.server_flops
-    )
+    t_srv = step_terms(devices, up_bits, workload, params, down_bits, server_copies=1)["t_srv"]
+    busy = jnp.sum(jnp.asarray(steps, jnp.float32), -1) * t_srv
     costs["round_latency_s"] = jnp.maximum(costs["round_latency_s"], busy)
     return costs

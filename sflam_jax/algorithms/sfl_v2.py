@@ -1,32 +1,41 @@
-"""SFL-V2 and SL: protocols whose server segment is shared and updated client after client.
+"""SFL-V2: one server segment, updated by the sampled devices' steps in sequence (SPEC section 1).
 
-SPEC section 1: in SFL-V2 one server segment is updated by the S devices' steps in sequence while
-every device starts from the global client segment and the device segments are averaged (FedAvg)
-at the end of the round; in SL (vanilla split learning) the client segment is also handed from
-device to device, and the round's result is the last device's pair of segments.
+Every device starts from the global client segment; the device segments are averaged (FedAvg) at
+the end of the round and the shared server segment is the round's server segment. ``SharedServer``
+also runs vanilla split learning (``algorithms.sl``), where the client segment is handed from
+device to device as well.
 
-Both run the sampled clients (in sampling order) under one ``lax.scan`` whose carry is the shared
-server segment and its optimizer state; each client's local steps are the same ``client_step`` as
-SFLAM's (same batches, same keys), so with one client per round all three protocols coincide.
+The sampled clients (in sampling order) run under one ``lax.scan`` whose carry is the shared server
+segment and its optimizer state; each client's local steps are the same ``client_step`` as SFLAM's
+(same batches, same keys), so with one client per round the protocols coincide.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from sflam_jax.algorithms.base import RoundState, average_or_keep, finite_per_client
-from sflam_jax.algorithms.sflam import SFLAM
-from sflam_jax.data.batches import ClientData, ClientRows, epoch_orders, gather_rows, local_steps
+from sflam_jax.algorithms.base import (
+    Protocol,
+    RoundState,
+    SplitTraining,
+    average_or_keep,
+    finite_per_client,
+)
+from sflam_jax.data.batches import ClientRows, epoch_orders, local_steps
+from sflam_jax.wireless.costs import sfl_v2_round_costs
 
 
 @dataclasses.dataclass(frozen=True)
-class SequentialServer(SFLAM):
-    """SFL-V2 (``relay_client=False``) or SL (``relay_client=True``); fields as ``SFLAM``."""
+class SharedServer(SplitTraining):
+    """SFL-V2 (``relay_client=False``) or SL (``relay_client=True``); other fields as
+    ``SplitTraining``."""
 
     relay_client: bool = False
+    parallel = False
 
     def train_client(self, params_c, params_s, opt_s, rows: ClientRows, count, bits, key):
         """One client's ``tau_k`` local steps from ``params_c`` against the shared server.
@@ -52,9 +61,18 @@ class SequentialServer(SFLAM):
         params_c, params_s, _, opt_s, stats = carry
         return params_c, params_s, opt_s, stats
 
-    def round(self, state: RoundState, data: ClientData, key: jax.Array, up_bits=32):
-        """One SFL-V2 or SL round; arguments and metrics as ``SFLAM.round``."""
-        plan, system = self.round_plan(data.counts, key, up_bits)
+    def train_sequence(self, state: RoundState, plan: dict, rows_of: Callable):
+        """Trains the round's clients one after another and aggregates them.
+
+        Args:
+          state: the round's global model.
+          plan: ``{"clients", "counts", "up_bits", "keys"}`` each ``[S]``, in sampling order.
+          rows_of: ``[n]`` client ids -> their ``ClientRows [n, L, ...]``.
+
+        Returns:
+          ``(params_c, params_s, stats [3], health [3, S])``: the new global segments, the
+          summed loss, correct predictions and samples, and the finite flags of every client.
+        """
 
         def client_body(carry, client):
             params_c, params_s, opt_s, sum_c, stats = carry
@@ -63,7 +81,7 @@ class SequentialServer(SFLAM):
                 start_c,
                 params_s,
                 opt_s,
-                jax.tree.map(lambda x: x[0], gather_rows(data, client["clients"][None])),
+                jax.tree.map(lambda x: x[0], rows_of(client["clients"][None])),
                 client["counts"],
                 client["up_bits"],
                 client["keys"],
@@ -93,6 +111,19 @@ class SequentialServer(SFLAM):
         # SL hands on the last device's segment; SFL-V2 averages the devices' segments.
         averaged = average_or_keep(sum_c, weight, state.params_c)
         params_c = last_c if self.relay_client else averaged
-        return self.finish_round(
-            state, system, params_c, params_s, stats, plan["clients"], health.T
-        )
+        return params_c, params_s, stats, health.T
+
+
+PROTOCOL = Protocol(
+    name="sfl_v2",
+    title="SFL-V2 (one shared server segment, float cut)",
+    make=SharedServer,
+    cost_model=sfl_v2_round_costs,
+    cost_split=False,
+    quantized_cut=False,
+    aqt=False,
+    allocators=("equal",),
+    optimizes_bits=False,
+    streamable=False,
+    baseline=True,
+)

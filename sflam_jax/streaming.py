@@ -1,6 +1,6 @@
-"""The SFL-V1 round driven from the host, with the clients' samples streamed block by block.
+"""The round of a parallel protocol driven from the host, its clients' samples streamed in blocks.
 
-``SFLAM.round`` keeps every training image on the device and runs the round as one program. For
+``Engine.round`` keeps every training image on the device and runs the round as one program. For
 populations whose data does not fit, and for several processes that each hold only their own
 clients' samples, ``StreamedRound`` runs the same pieces from the host:
 
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sflam_jax.algorithms.base import RoundState
-from sflam_jax.algorithms.sflam import SFLAM
 from sflam_jax.data.batches import ClientRows, HostClients
+from sflam_jax.engine import Engine
 
 
 def owner_of(num_clients: int, num_processes: int) -> np.ndarray:
@@ -36,12 +36,12 @@ def owned_clients(num_clients: int, num_processes: int, process: int) -> np.ndar
     return owner_of(num_clients, num_processes) == process
 
 
-def slot_columns(algorithm: SFLAM, num_processes: int) -> list[np.ndarray]:
+def slot_columns(engine: Engine, num_processes: int) -> list[np.ndarray]:
     """For each process, the chunk columns its devices train (all columns for one process)."""
-    c = algorithm.chunk
+    c = engine.chunk
     if num_processes == 1:
         return [np.arange(c)]
-    layout = algorithm.layout
+    layout = engine.layout
     shards = layout.client_shards
     per_shard = c // shards
     owners = [{d.process_index for d in row} for row in layout.mesh.devices]
@@ -93,10 +93,10 @@ class StreamedRound:
     """``round(state, key) -> (state, metrics)`` for data held by ``HostClients``.
 
     Args:
-      algorithm: an SFL-V1-family protocol (``SFLAM``); its ``layout`` places the arrays.
+      engine: the round of a parallel protocol; its ``layout`` places the arrays.
       host: this process's client table.
       chunks_per_block: chunks trained per device call.
-      up_bits: uplink bits when the algorithm has no planner.
+      up_bits: uplink bits when the engine has no planner.
       state_shardings: NamedShardings of the round state (None: one device, default placement).
       key_of: round index -> the round's key (traced inside the jitted plan; the trainer's
         ``round_key``, so the streamed and the one-program round sample alike).
@@ -104,23 +104,23 @@ class StreamedRound:
 
     def __init__(
         self,
-        algorithm: SFLAM,
+        engine: Engine,
         host: HostClients,
         chunks_per_block: int,
         up_bits,
         state_shardings,
         key_of,
     ):
-        self.algorithm = algorithm
+        self.engine = engine
         self.host = host
         self.chunks_per_block = chunks_per_block
         self.num_processes = jax.process_count()
         self.process = jax.process_index()
-        layout = algorithm.layout
+        layout = engine.layout
         if layout is not None:
             check_process_layout(layout, self.num_processes)
         self.owners = owner_of(host.num_clients, self.num_processes)
-        self.columns = slot_columns(algorithm, self.num_processes)
+        self.columns = slot_columns(engine, self.num_processes)
         self.local_columns = self.columns[self.process]
         repl = layout.replicated if layout is not None else None
         block = layout.block_sharding() if layout is not None else None
@@ -130,9 +130,9 @@ class StreamedRound:
         if state_shardings is not None:
             sums_sh = (state_shardings.params_c, state_shardings.params_s, repl, repl)
         self._plan = jax.jit(
-            lambda counts, r: algorithm.round_plan(counts, key_of(r), up_bits), out_shardings=repl
+            lambda counts, r: engine.round_plan(counts, key_of(r), up_bits), out_shardings=repl
         )
-        self._empty = jax.jit(algorithm.empty_sums, out_shardings=sums_sh)
+        self._empty = jax.jit(engine.empty_sums, out_shardings=sums_sh)
         self._accumulate = jax.jit(
             self._accumulate_block, donate_argnums=1, out_shardings=(sums_sh, repl)
         )
@@ -143,15 +143,13 @@ class StreamedRound:
         )
 
     def _accumulate_block(self, state, sums, plan, slots, rows: ClientRows):
-        chunks = self.algorithm.in_chunks(plan, slots)
+        chunks = self.engine.in_chunks(plan, slots)
         chunks["rows"] = rows
-        return self.algorithm.accumulate(state, sums, chunks, lambda c: c["rows"])
+        return self.engine.accumulate(state, sums, chunks, lambda c: c["rows"])
 
     def _finish_round(self, state, sums, system, clients, health):
-        params_c, params_s, stats = self.algorithm.average(state, sums)
-        return self.algorithm.finish_round(
-            state, system, params_c, params_s, stats, clients, health
-        )
+        params_c, params_s, stats = self.engine.average(state, sums)
+        return self.engine.finish_round(state, system, params_c, params_s, stats, clients, health)
 
     def _block_rows(self, plan_host, slots: np.ndarray) -> ClientRows:
         """This process's columns of the block, gathered on the host and placed on the mesh."""
@@ -175,7 +173,7 @@ class StreamedRound:
         """Round ``r`` (0-based) from ``state``; returns ``(new_state, metrics)``."""
         plan, system = self._plan(self.counts, np.int32(r))
         plan_host = jax.device_get(plan)
-        slots = arrange(plan_host["clients"], self.owners, self.columns, self.algorithm.chunk)
+        slots = arrange(plan_host["clients"], self.owners, self.columns, self.engine.chunk)
         n = self.chunks_per_block
         blocks = -(-slots.shape[0] // n)
         slots = np.concatenate([slots, np.full((blocks * n - len(slots), slots.shape[1]), -1)])
