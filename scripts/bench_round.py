@@ -17,7 +17,7 @@ each), same protocol (SFL-V1 with the 8-bit stochastic uplink quantizer, SGD wit
 - ``torch_sequential``: PyTorch (transformers' ViT, split at the same place), clients one after
   another with deep-copied segments, as the published SplitFed / SFLAM code runs them.
 
-Each engine runs in its own process with the same allocator settings (../shared/NOTES.md: glibc
+Each engine runs in its own process with the same allocator settings (glibc
 malloc otherwise maps and unmaps XLA's buffers on every call). For each S it reports client steps
 per second (median of ``--rounds`` rounds after one warm-up round), the warm-up round's extra time
 (compilation for JAX), the process's peak resident memory so far, and the achieved FLOP/s: XLA's

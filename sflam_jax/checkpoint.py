@@ -119,9 +119,6 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True),
         )
 
-    def latest_round(self) -> int | None:
-        return self._manager.latest_step()
-
     def restore_or_init(self, initial: RoundState) -> RoundState:
         """The newest good saved state, or ``initial`` when there is none.
 

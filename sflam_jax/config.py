@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-6
 
     c.aqt = ml_collections.ConfigDict()
-    c.aqt.enabled = True  # AQT integer matmuls (on a CPU they are emulated, see README)
+    c.aqt.enabled = True  # AQT integer matmuls (on a CPU they are emulated, see docs/results.md)
     c.aqt.client = True  # quantize the device segment's matmuls
     c.aqt.server = False  # quantize the server segment's matmuls
     c.aqt.fwd_bits = 8  # 0 = float forward

@@ -18,7 +18,6 @@ belongs to process ``k * P // K`` (contiguous ranges of the client ids).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sflam_jax.algorithms.base import RoundState
@@ -93,11 +92,11 @@ class StreamedRound:
     """``round(state, key) -> (state, metrics)`` for data held by ``HostClients``.
 
     Args:
-      engine: the round of a parallel protocol; its ``layout`` places the arrays.
+      engine: the round of a parallel protocol; its ``layout`` (required) places the arrays.
       host: this process's client table.
       chunks_per_block: chunks trained per device call.
       up_bits: uplink bits when the engine has no planner.
-      state_shardings: NamedShardings of the round state (None: one device, default placement).
+      state_shardings: NamedShardings of the round state.
       key_of: round index -> the round's key (traced inside the jitted plan; the trainer's
         ``round_key``, so the streamed and the one-program round sample alike).
     """
@@ -117,18 +116,14 @@ class StreamedRound:
         self.num_processes = jax.process_count()
         self.process = jax.process_index()
         layout = engine.layout
-        if layout is not None:
-            check_process_layout(layout, self.num_processes)
+        check_process_layout(layout, self.num_processes)
         self.owners = owner_of(host.num_clients, self.num_processes)
         self.columns = slot_columns(engine, self.num_processes)
         self.local_columns = self.columns[self.process]
-        repl = layout.replicated if layout is not None else None
-        block = layout.block_sharding() if layout is not None else None
+        repl = layout.replicated
         self.counts = host.counts
-        self.block_sharding = block
-        sums_sh = None
-        if state_shardings is not None:
-            sums_sh = (state_shardings.params_c, state_shardings.params_s, repl, repl)
+        self.block_sharding = layout.block_sharding()
+        sums_sh = (state_shardings.params_c, state_shardings.params_s, repl, repl)
         self._plan = jax.jit(
             lambda counts, r: engine.round_plan(counts, key_of(r), up_bits), out_shardings=repl
         )
@@ -139,7 +134,7 @@ class StreamedRound:
         self._finish = jax.jit(
             self._finish_round,
             donate_argnums=0,
-            out_shardings=(state_shardings, repl) if state_shardings is not None else None,
+            out_shardings=(state_shardings, repl),
         )
 
     def _accumulate_block(self, state, sums, plan, slots, rows: ClientRows):
@@ -158,8 +153,6 @@ class StreamedRound:
         clients = np.where(taken, plan_host["clients"][np.maximum(local, 0)], 0)
         counts = np.where(taken, plan_host["counts"][np.maximum(local, 0)], 0)
         rows = self.host.rows(clients, counts)
-        if self.block_sharding is None:
-            return jax.tree.map(jnp.asarray, rows)
         if self.num_processes == 1:
             return jax.device_put(rows, self.block_sharding)
         return jax.tree.map(

@@ -3,6 +3,7 @@
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +46,14 @@ def _save(directory, image_size, channels, patch, hidden, depth, heads, mlp, lab
     return model
 
 
+def hidden_states(cfg: vit.ViTConfig, params: dict, images: jax.Array) -> jax.Array:
+    """The final-norm token sequence ``[B, N + 1, D]`` (Hugging Face's ``last_hidden_state``)."""
+    x = vit.Embedding(cfg).apply({"params": params["embedding"]}, images)
+    for name in vit.block_names(cfg.depth):
+        x = vit.Block(cfg).apply({"params": params[name]}, x)
+    return nn.LayerNorm(cfg.layer_norm_eps).apply({"params": params["head"]["norm"]}, x)
+
+
 @pytest.mark.parametrize("arch", SMALL, ids=["p4-d2-h4", "p7-d3-h2-grey"])
 def test_final_hidden_states_match_transformers(tmp_path, arch):
     model = _save(tmp_path, *arch)
@@ -54,7 +63,7 @@ def test_final_hidden_states_match_transformers(tmp_path, arch):
         expected = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
     loaded = pretrained.load(str(tmp_path))
     assert loaded.config.depth == arch[4] and loaded.config.num_heads == arch[5]
-    got = vit.hidden_states(loaded.config, loaded.params, jnp.asarray(images))
+    got = hidden_states(loaded.config, loaded.params, jnp.asarray(images))
     np.testing.assert_allclose(got, expected.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
 
 

@@ -92,6 +92,24 @@ class Protocol:
         return quant.FLOAT_BITS, quant.FLOAT_BITS
 
 
+def baseline(name: str, title: str, make, cost_model, cost_split: bool, streamable: bool):
+    """A protocol SFLAM is compared with (SPEC section 1): float cut-layer traffic and matmuls,
+    full power on equal bandwidth shares, its costs reported next to every run's."""
+    return Protocol(
+        name=name,
+        title=title,
+        make=make,
+        cost_model=cost_model,
+        cost_split=cost_split,
+        quantized_cut=False,
+        aqt=False,
+        allocators=("equal",),
+        optimizes_bits=False,
+        streamable=streamable,
+        baseline=True,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     """uint8 images -> model inputs (normalisation and resize, see data.batches.preprocess)."""

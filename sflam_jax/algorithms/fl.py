@@ -6,20 +6,15 @@ whole ViT (tested against a loop over the unsplit model). Costed as FL: the devi
 segments and move the whole model once each way per round.
 """
 
-from sflam_jax.algorithms.base import Protocol
+from sflam_jax.algorithms.base import baseline
 from sflam_jax.algorithms.sflam import SFLV1
 from sflam_jax.wireless.costs import fl_round_costs
 
-PROTOCOL = Protocol(
+PROTOCOL = baseline(
     name="fl",
     title="FL (FedAvg, whole model on the device)",
     make=SFLV1,
     cost_model=fl_round_costs,
     cost_split=False,
-    quantized_cut=False,
-    aqt=False,
-    allocators=("equal",),
-    optimizes_bits=False,
     streamable=True,
-    baseline=True,
 )

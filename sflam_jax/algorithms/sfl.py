@@ -4,20 +4,15 @@ The same round as SFLAM (``algorithms.sflam.SFLV1``) without its quantizer, AQT 
 resource optimisation: the baseline that isolates what SFLAM's quantization and allocation buy.
 """
 
-from sflam_jax.algorithms.base import Protocol
+from sflam_jax.algorithms.base import baseline
 from sflam_jax.algorithms.sflam import SFLV1
 from sflam_jax.wireless.costs import sflam_round_costs
 
-PROTOCOL = Protocol(
+PROTOCOL = baseline(
     name="sfl",
     title="SFL (SFL-V1, float cut)",
     make=SFLV1,
     cost_model=sflam_round_costs,
     cost_split=True,
-    quantized_cut=False,
-    aqt=False,
-    allocators=("equal",),
-    optimizes_bits=False,
     streamable=True,
-    baseline=True,
 )

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from sflam_jax.algorithms.base import (
-    Protocol,
     RoundState,
     SplitTraining,
     average_or_keep,
+    baseline,
     finite_per_client,
 )
 from sflam_jax.data.batches import ClientRows, epoch_orders, local_steps
@@ -114,16 +114,11 @@ class SharedServer(SplitTraining):
         return params_c, params_s, stats, health.T
 
 
-PROTOCOL = Protocol(
+PROTOCOL = baseline(
     name="sfl_v2",
     title="SFL-V2 (one shared server segment, float cut)",
     make=SharedServer,
     cost_model=sfl_v2_round_costs,
     cost_split=False,
-    quantized_cut=False,
-    aqt=False,
-    allocators=("equal",),
-    optimizes_bits=False,
     streamable=False,
-    baseline=True,
 )

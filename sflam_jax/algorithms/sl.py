@@ -7,20 +7,15 @@ device's pair of segments. Costed with the whole band and the whole server per d
 
 import functools
 
-from sflam_jax.algorithms.base import Protocol
+from sflam_jax.algorithms.base import baseline
 from sflam_jax.algorithms.sfl_v2 import SharedServer
 from sflam_jax.wireless.costs import sl_round_costs
 
-PROTOCOL = Protocol(
+PROTOCOL = baseline(
     name="sl",
     title="SL (vanilla split learning, client segment relayed)",
     make=functools.partial(SharedServer, relay_client=True),
     cost_model=sl_round_costs,
     cost_split=False,
-    quantized_cut=False,
-    aqt=False,
-    allocators=("equal",),
-    optimizes_bits=False,
     streamable=False,
-    baseline=True,
 )

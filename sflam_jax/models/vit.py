@@ -197,14 +197,6 @@ def init_params(cfg: ViTConfig, key: jax.Array) -> dict:
     return ViT(cfg).init({"params": key}, x)["params"]
 
 
-def hidden_states(cfg: ViTConfig, params: dict, images: jax.Array) -> jax.Array:
-    """The final-norm token sequence ``[B, N + 1, D]`` (Hugging Face's ``last_hidden_state``)."""
-    x = Embedding(cfg).apply({"params": params["embedding"]}, images)
-    for name in block_names(cfg.depth):
-        x = Block(cfg).apply({"params": params[name]}, x)
-    return nn.LayerNorm(cfg.layer_norm_eps).apply({"params": params["head"]["norm"]}, x)
-
-
 # Logical axis names of each parameter, by (module, parameter) name; ``sharding.py`` maps them to
 # mesh axes through ``config.sharding.rules``. "heads" is the attention width (heads x head_dim),
 # "mlp" the hidden width of the MLP, "embed" the model width.
