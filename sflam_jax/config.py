@@ -68,7 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.clients_per_round = 10  # S
     c.train.local_epochs = 1  # E
     c.train.batch_size = 32  # B
-    c.train.chunk_size = 0  # clients vmapped at once; 0 = all S
+    c.train.chunk_size = 0  # clients vmapped side by side (lanes or chunk width); 0 = all S
+    # "lanes": each lane takes its next client when one finishes (longest first), so lanes stay
+    # busy when clients' step counts differ; "chunks": fixed chunks, each run to its longest client.
+    c.train.schedule = "lanes"
     # Keep the clients' samples on the host and stream them to the devices chunks_per_block chunks
     # at a time (large populations; always on with several processes).
     c.train.stream = False

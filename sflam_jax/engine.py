@@ -5,12 +5,17 @@ rest of a round:
 
 1. ``round_plan``: sample S of the K clients, and with a planner draw their channels and allocate
    power, bandwidth and bits (SPEC sections 1, 3 and 4), all inside the jitted round;
-2. train: an algorithm with ``parallel = True`` trains chunks of C clients side by side
-   (``train_chunk`` under ``jax.vmap``) and the engine places each chunk on the mesh: the client
-   axis over the ``clients`` mesh axis, the server copies by the logical-axis rules
-   (``sflam_jax.sharding``). ``accumulate`` scans over the chunks carrying only the running
-   data-weighted sums, so memory holds C client copies however large S is. A sequential algorithm
-   trains the round's clients in order and aggregates them itself (``train_sequence``);
+2. train: an algorithm with ``parallel = True`` trains C clients side by side under ``jax.vmap``
+   and the engine places them on the mesh: the client axis over the ``clients`` mesh axis, the
+   server copies by the logical-axis rules (``sflam_jax.sharding``). Two schedules:
+   ``"lanes"`` (the default, ``train_lanes``): C lanes, each working through its own queue of
+   clients, the queues filled longest-first onto the least-loaded lane (LPT), so a lane whose
+   client has finished adds it to the running FedAvg sums and starts its next client inside the
+   jitted loop, and the lanes stay busy when the clients' step counts ``tau_k`` differ;
+   ``"chunks"`` (``accumulate``): chunks of C clients, each run until its largest ``tau_k`` (the
+   finished clients masked). Both carry only the running data-weighted sums, so memory holds C
+   client copies however large S is. A sequential algorithm trains the round's clients in order
+   and aggregates them itself (``train_sequence``);
 3. aggregate (FedAvg ``rho_k = n_k / sum_j n_j`` for the parallel protocols) and
    ``finish_round``: the new state and the round's metrics.
 
@@ -36,7 +41,9 @@ from sflam_jax.algorithms.base import (
     sample_clients,
     weighted_sum,
 )
-from sflam_jax.data.batches import ClientData, gather_rows, local_steps
+from sflam_jax.data.batches import ClientData, IndexedRows, gather_rows, local_steps
+
+SCHEDULES = ("lanes", "chunks")
 
 # fold_in constant of the round key's system-model stream (channel draws), apart from the
 # client-sampling and training streams that jax.random.split(key) gives.
@@ -55,6 +62,7 @@ class Engine:
         model and uses the ``up_bits`` given to ``round``.
       layout: ``sharding.Layout`` placing the client axis and the server segment on a mesh; None
         leaves placement to XLA (one device).
+      schedule: ``"lanes"`` or ``"chunks"`` (module docstring).
     """
 
     algorithm: Any
@@ -62,10 +70,12 @@ class Engine:
     chunk_size: int = 0
     planner: Callable | None = None
     layout: Any = None
+    schedule: str = "lanes"
 
     @property
     def chunk(self) -> int:
-        """Clients per chunk, rounded up to a multiple of the mesh's ``clients`` axis."""
+        """Clients side by side (lanes or chunk width), rounded up to a multiple of the mesh's
+        ``clients`` axis."""
         multiple = self.layout.client_shards if self.layout is not None else 1
         return -(-(self.chunk_size or self.clients_per_round) // multiple) * multiple
 
@@ -117,6 +127,7 @@ class Engine:
         taken = slots >= 0
         pick = lambda x: jnp.where(taken, x[jnp.maximum(slots, 0)], 0)  # noqa: E731
         out = {
+            "positions": jnp.where(taken, slots, self.clients_per_round),
             "clients": pick(plan["clients"]),
             "counts": pick(plan["counts"]),
             "up_bits": jnp.where(
@@ -135,66 +146,199 @@ class Engine:
     # -- 2. train (parallel protocols) ------------------------------------------------------
 
     def empty_sums(self, state: RoundState):
-        """The running sums ``accumulate`` adds to: the data-weighted segments, ``[3]`` stats and
-        the total weight ``sum_k n_k``."""
+        """The running sums training adds to: the data-weighted segments, ``[3]`` stats, the total
+        weight ``sum_k n_k``, the ``[S, 3]`` finite flags of the sampled clients (by their position
+        in the plan; True until trained) and the client steps computed (useful or not)."""
         zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
         return (
             zeros(state.params_c),
             zeros(state.params_s),
             jnp.zeros((3,), jnp.float32),
             jnp.zeros((), jnp.float32),
+            jnp.ones((self.clients_per_round, 3), bool),
+            jnp.zeros((), jnp.int32),
         )
 
-    def train_chunk(self, state: RoundState, rows, counts, up_bits, keys):
-        """C clients' local training from the global model, placed on the mesh."""
-        c = counts.shape[0]
+    def stacked(self, state: RoundState, c: int):
+        """The global segments broadcast to ``c`` client copies, placed on the mesh."""
         stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (c, *x.shape)), tree)  # noqa: E731
         params_c, params_s = stack(state.params_c), stack(state.params_s)
         if self.layout is not None:
             params_c = self.layout.stacked(params_c, server=False)
             params_s = self.layout.stacked(params_s, server=True)
+        return params_c, params_s
+
+    @staticmethod
+    def add_clients(sums, params_c, params_s, stats, weights, positions):
+        """Adds C trained clients to the running sums.
+
+        Args:
+          sums: from ``empty_sums``.
+          params_c, params_s: ``[C, ...]`` their segments.
+          stats: ``[C, 3]`` summed loss, correct predictions, samples.
+          weights: ``[C]`` FedAvg weights ``n_k`` (0 for a lane or slot that adds nothing).
+          positions: ``[C]`` their positions in the plan (out of range: no finite flags).
+        """
+        acc_c, acc_s, acc_stats, acc_w, health, computed = sums
+        w = weights.astype(jnp.float32)
+        acc_c = jax.tree.map(jnp.add, acc_c, weighted_sum(params_c, w))
+        acc_s = jax.tree.map(jnp.add, acc_s, weighted_sum(params_s, w))
+        flags = jnp.stack(
+            [jnp.isfinite(stats[:, 0]), finite_per_client(params_c), finite_per_client(params_s)],
+            axis=1,
+        )
+        health = health.at[positions].set(flags, mode="drop")
+        stats = acc_stats + jnp.sum(jnp.where(w[:, None] > 0, stats, 0.0), axis=0)
+        return (acc_c, acc_s, stats, acc_w + jnp.sum(w), health, computed)
+
+    def train_chunk(self, state: RoundState, rows, counts, up_bits, keys):
+        """C clients' local training from the global model, placed on the mesh."""
+        params_c, params_s = self.stacked(state, counts.shape[0])
+        if self.layout is not None:
             rows = self.layout.client_major(rows)
         return self.algorithm.train_chunk(params_c, params_s, rows, counts, up_bits, keys)
 
     def accumulate(self, state: RoundState, sums, chunks: dict, rows_of: Callable):
-        """Trains the chunks ``[n, C]`` of ``chunks`` and adds them to ``sums``.
+        """The ``"chunks"`` schedule: trains the chunks ``[n, C]`` of ``chunks`` and adds them to
+        ``sums``; a chunk runs until its largest ``tau_k``.
 
         Args:
           state: the round's global model.
           sums: from ``empty_sums`` or a previous call.
-          chunks: ``{"clients", "counts", "up_bits", "keys"}`` each ``[n, C]``, plus whatever
-            ``rows_of`` reads.
+          chunks: ``{"positions", "clients", "counts", "up_bits", "keys"}`` each ``[n, C]``, plus
+            whatever ``rows_of`` reads.
           rows_of: chunk -> ``ClientRows [C, L, ...]``, its clients' samples.
-
-        Returns:
-          ``(sums, health [n, 3, C])`` with the finite flags of every slot.
         """
 
         def chunk_body(acc, chunk):
+            counts = chunk["counts"]
             params_c, params_s, stats = self.train_chunk(
-                state, rows_of(chunk), chunk["counts"], chunk["up_bits"], chunk["keys"]
+                state, rows_of(chunk), counts, chunk["up_bits"], chunk["keys"]
             )
-            w = chunk["counts"].astype(jnp.float32)
-            acc_c, acc_s, acc_stats, acc_w = acc
-            acc_c = jax.tree.map(jnp.add, acc_c, weighted_sum(params_c, w))
-            acc_s = jax.tree.map(jnp.add, acc_s, weighted_sum(params_s, w))
-            health = jnp.stack(
-                [
-                    jnp.isfinite(stats[:, 0]),
-                    finite_per_client(params_c),
-                    finite_per_client(params_s),
-                ]
-            )
-            return (acc_c, acc_s, acc_stats + jnp.sum(stats, axis=0), acc_w + jnp.sum(w)), health
+            acc = self.add_clients(acc, params_c, params_s, stats, counts, chunk["positions"])
+            steps = local_steps(counts, self.algorithm.batch_size, self.algorithm.local_epochs)
+            return (*acc[:-1], acc[-1] + jnp.max(steps) * counts.shape[0]), None
 
-        return jax.lax.scan(chunk_body, sums, chunks)
+        return jax.lax.scan(chunk_body, sums, chunks)[0]
+
+    def lane_queues(self, counts: jax.Array, lanes: int) -> jax.Array:
+        """``[lanes, S]`` each lane's clients (positions in ``counts``, -1 after the last), by
+        longest-processing-time-first list scheduling: clients in descending ``tau_k`` go to the
+        lane with the least work so far (ties: the lower lane). Clients without samples train
+        nowhere. This is the order in which lanes that take the next client when they finish
+        would receive them."""
+        tau = local_steps(counts, self.algorithm.batch_size, self.algorithm.local_epochs)
+        s = tau.shape[0]
+
+        def assign(carry, p):
+            loads, depth, queues = carry
+            lane = jnp.argmin(loads)
+            take = tau[p] > 0
+            queues = queues.at[lane, depth[lane]].set(jnp.where(take, p, -1))
+            loads = loads.at[lane].add(jnp.where(take, tau[p], 0))
+            depth = depth.at[lane].add(take.astype(jnp.int32))
+            return (loads, depth, queues), None
+
+        start = (
+            jnp.zeros((lanes,), tau.dtype),
+            jnp.zeros((lanes,), jnp.int32),
+            jnp.full((lanes, s), -1, jnp.int32),
+        )
+        order = jnp.argsort(-tau, stable=True)
+        return jax.lax.scan(assign, start, order)[0][2]
+
+    def train_lanes(self, state: RoundState, sums, plan: dict, queues, table, index_of):
+        """The ``"lanes"`` schedule: C lanes work through their queues and add each client to
+        ``sums`` when it finishes, in one ``lax.while_loop`` that runs while any lane has work.
+
+        Args:
+          state: the round's global model.
+          sums: from ``empty_sums`` or a previous call.
+          plan: ``[S]`` arrays from ``round_plan``.
+          queues: ``[C, D]`` each lane's clients (positions in ``plan``, -1 for none).
+          table: ``(IndexedRows, its vmap axes)``: the samples the lanes read (shared, or one
+            table per lane) without an ``index``.
+          index_of: ``(positions [C], depth [C]) -> [C, L]`` the lanes' clients' index rows into
+            the table (``depth``: the lane's queue entry).
+        """
+        alg = self.algorithm
+        c, d = queues.shape
+        rows_table, rows_axes = table
+        lanes = jnp.arange(c)
+        global_c, global_s = self.stacked(state, c)
+
+        def load(ls, which):
+            depth = jnp.where(which, ls["depth"] + 1, ls["depth"])
+            entry = queues[lanes, jnp.minimum(depth, d - 1)]
+            take = which & (depth < d) & (entry >= 0)
+            pos = jnp.maximum(entry, 0)
+            count = jnp.where(take, plan["counts"][pos], 0)
+            index = index_of(pos, depth)
+            width = index.shape[1]
+            carry, orders, step_key = jax.vmap(
+                lambda pc, ps, n, k: alg.client_start(pc, ps, n, k, width)
+            )(global_c, global_s, count, plan["keys"][pos])
+            pick = lambda new, old: jax.tree.map(  # noqa: E731
+                lambda x, y: jnp.where(take.reshape(-1, *([1] * (x.ndim - 1))), x, y), new, old
+            )
+            count = jnp.where(which, count, ls["count"])
+            return {
+                **ls,
+                "carry": pick(carry, ls["carry"]),
+                "orders": pick(orders, ls["orders"]),
+                "step_key": pick(step_key, ls["step_key"]),
+                "index": pick(index, ls["index"]),
+                "count": count,
+                "bits": jnp.where(take, plan["up_bits"][pos], ls["bits"]),
+                "tau": local_steps(count, alg.batch_size, alg.local_epochs),
+                "t": jnp.where(which, 0, ls["t"]),
+                "depth": depth,
+                "pos": jnp.where(take, pos, ls["pos"]),
+                "active": take | (ls["active"] & ~which),
+            }
+
+        def finish(ls, finished):
+            params_c, params_s, stats = alg.client_result(ls["carry"])
+            weights = jnp.where(finished, ls["count"], 0)
+            positions = jnp.where(finished, ls["pos"], self.clients_per_round)
+            acc = self.add_clients(ls["sums"], params_c, params_s, stats, weights, positions)
+            return load({**ls, "sums": acc}, finished)
+
+        def body(ls):
+            rows = IndexedRows(rows_table.images, rows_table.labels, ls["index"])
+            carry = jax.vmap(alg.client_step, in_axes=(0, rows_axes, 0, 0, 0, 0, 0))(
+                ls["carry"], rows, ls["count"], ls["orders"], ls["bits"], ls["step_key"], ls["t"]
+            )
+            t = ls["t"] + ls["active"].astype(jnp.int32)
+            finished = ls["active"] & (t >= ls["tau"])
+            acc = ls["sums"]
+            ls = {**ls, "carry": carry, "t": t, "sums": (*acc[:-1], acc[-1] + c)}
+            return jax.lax.cond(jnp.any(finished), finish, lambda ls, _: ls, ls, finished)
+
+        zero_keys = plan["keys"][jnp.zeros((c,), jnp.int32)]
+        start = {
+            "carry": jax.vmap(alg.start_carry)(global_c, global_s),
+            "orders": jnp.zeros((c, alg.local_epochs, index_of(lanes, lanes).shape[1]), jnp.int32),
+            "step_key": zero_keys,
+            "index": jnp.zeros_like(index_of(lanes, lanes)),
+            "count": jnp.zeros((c,), jnp.int32),
+            "bits": jnp.full((c,), float(quant.FLOAT_BITS)),
+            "tau": jnp.zeros((c,), jnp.int32),
+            "t": jnp.zeros((c,), jnp.int32),
+            "depth": jnp.full((c,), -1, jnp.int32),
+            "pos": jnp.zeros((c,), jnp.int32),
+            "active": jnp.zeros((c,), bool),
+            "sums": sums,
+        }
+        ls = load(start, jnp.ones((c,), bool))
+        return jax.lax.while_loop(lambda ls: jnp.any(ls["active"]), body, ls)["sums"]
 
     # -- 3. aggregate -----------------------------------------------------------------------
 
     def average(self, state: RoundState, sums) -> tuple[dict, dict, jax.Array]:
         """FedAvg from the running sums (``rho_k = n_k / sum_j n_j``); returns the segments and
         the round's ``[3]`` stats."""
-        sum_c, sum_s, stats, weight = sums
+        sum_c, sum_s, stats, weight = sums[:4]
         return (
             average_or_keep(sum_c, weight, state.params_c),
             average_or_keep(sum_s, weight, state.params_s),
@@ -214,27 +358,44 @@ class Engine:
         Returns:
           ``(new_state, metrics)`` with metrics ``train_loss``, ``train_accuracy`` (over all local
           samples of the round; NaN when there were none), ``samples``, ``clients`` (the sampled
-          ids ``[S]``), ``HEALTH`` (``[3, S]`` finite flags, see ``base.check_health``) and, with a
-          planner, its metrics plus the running ``sim_time_s`` and ``sim_energy_j``.
+          ids ``[S]``), ``useful_client_steps`` (``sum_k tau_k``), ``computed_client_steps``
+          (client steps the schedule ran, masked ones included), ``HEALTH`` (``[3, S]`` finite
+          flags, see ``base.check_health``) and, with a planner, its metrics plus the running
+          ``sim_time_s`` and ``sim_energy_j``.
         """
         plan, system = self.round_plan(data.counts, key, up_bits)
         if not self.algorithm.parallel:
             params_c, params_s, stats, health = self.algorithm.train_sequence(
                 state, plan, lambda ids: gather_rows(data, ids)
             )
+            computed = jnp.sum(self.local_steps(plan["counts"]))
             return self.finish_round(
-                state, system, params_c, params_s, stats, plan["clients"], health
+                state, system, params_c, params_s, stats, plan, health, computed
             )
-        chunks = self.in_chunks(plan, self.natural_slots())
-        sums, health = self.accumulate(
-            state, self.empty_sums(state), chunks, lambda c: gather_rows(data, c["clients"])
-        )
-        params_c, params_s, stats = self.average(state, sums)
-        # [3, S]: finite loss, client segment and server copy of each sampled client.
-        health = jnp.moveaxis(health, 1, 0).reshape(3, -1)
-        return self.finish_round(state, system, params_c, params_s, stats, plan["clients"], health)
+        sums = self.empty_sums(state)
+        if self.schedule == "chunks":
+            chunks = self.in_chunks(plan, self.natural_slots())
+            sums = self.accumulate(state, sums, chunks, lambda c: gather_rows(data, c["clients"]))
+        else:
+            table = IndexedRows(data.images, data.labels, None)
+            queues = self.lane_queues(plan["counts"], self.chunk)
+            index_of = lambda pos, depth: data.index[plan["clients"][pos]]  # noqa: E731
+            sums = self.train_lanes(
+                state, sums, plan, queues, (table, IndexedRows(None, None, 0)), index_of
+            )
+        return self.finish_sums(state, system, sums, plan)
 
-    def finish_round(self, state, system, params_c, params_s, stats, clients, health):
+    def local_steps(self, counts):
+        """``tau_k`` of clients holding ``counts`` samples."""
+        return local_steps(counts, self.algorithm.batch_size, self.algorithm.local_epochs)
+
+    def finish_sums(self, state, system, sums, plan):
+        """FedAvg of the running sums, then ``finish_round``."""
+        params_c, params_s, stats = self.average(state, sums)
+        health, computed = sums[4], sums[5]
+        return self.finish_round(state, system, params_c, params_s, stats, plan, health.T, computed)
+
+    def finish_round(self, state, system, params_c, params_s, stats, plan, health, computed):
         """The new state and the round's metrics (shared by every protocol).
 
         Args:
@@ -242,10 +403,10 @@ class Engine:
           system: the planner's metrics (empty without a planner).
           params_c, params_s: the new global segments.
           stats: ``[3]`` summed loss, correct predictions, samples.
-          clients: ``[S]`` client ids in sampling order.
-          health: ``[3, >= S]`` finite flags in the same order (padding after the first S).
+          plan: ``[S]`` arrays from ``round_plan``, in sampling order.
+          health: ``[3, S]`` finite flags in the same order.
+          computed: client steps the schedule ran.
         """
-        s = self.clients_per_round
         sim_time = state.sim_time_s + system.get("round_latency_s", 0.0)
         sim_energy = state.sim_energy_j + system.get("round_energy_j", 0.0)
         new_state = RoundState(
@@ -259,8 +420,10 @@ class Engine:
             "train_loss": stats[0] / stats[2],
             "train_accuracy": stats[1] / stats[2],
             "samples": stats[2],
-            "clients": clients[:s],
-            HEALTH: health[:, :s],
+            "clients": plan["clients"],
+            "useful_client_steps": jnp.sum(self.local_steps(plan["counts"])),
+            "computed_client_steps": computed,
+            HEALTH: health,
             **system,
         }
         if system:

@@ -206,6 +206,7 @@ def build_engine(config, protocol: Protocol, model, preprocess, planner, layout=
         chunk_size=config.train.chunk_size,
         planner=planner,
         layout=layout,
+        schedule=config.train.schedule,
     )
 
 

@@ -217,6 +217,10 @@ class Layout:
         sharding = NamedSharding(self.mesh, P("clients"))
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
+    def lane_sharding(self) -> NamedSharding:
+        """Arrays ``[C, ...]`` of a streamed block of lanes: C over ``clients``."""
+        return NamedSharding(self.mesh, P("clients"))
+
     def block_sharding(self) -> NamedSharding:
         """Arrays ``[n, C, ...]`` of a streamed block: C over ``clients``."""
         return NamedSharding(self.mesh, P(None, "clients"))

@@ -5,11 +5,15 @@ populations whose data does not fit, and for several processes that each hold on
 clients' samples, ``StreamedRound`` runs the same pieces from the host:
 
 1. ``round_plan`` (jitted, identical on every process): sampled clients, their bits and keys;
-2. the sampled clients are laid out in slots ``[num_chunks, C]``; with several processes a
-   process's slots (the columns its devices train) hold only clients it owns;
-3. for each block of ``chunks_per_block`` chunks the host gathers its slots' samples and one jitted
-   ``accumulate`` call trains the block and adds it to the running sums (donated in place);
-4. ``finish_round`` (jitted) averages and returns the state and metrics.
+2. the sampled clients are laid out on the C lanes (or columns of chunks); with several processes
+   a process's lanes (the ones its devices train) hold only clients it owns. With the ``"lanes"``
+   schedule each process's clients are queued longest-first on its least-loaded lane
+   (``Engine.lane_queues``), giving slots ``[C, D]``; with ``"chunks"``, slots ``[num_chunks, C]``
+   in sampling order;
+3. for each block (``chunks_per_block`` queue entries of every lane, or chunks) the host gathers
+   its slots' samples and one jitted call trains the block and adds it to the running sums
+   (donated in place);
+4. ``finish_sums`` (jitted) averages and returns the state and metrics.
 
 Device memory holds the model, the running sums and one block of chunks whatever S is. Client k
 belongs to process ``k * P // K`` (contiguous ranges of the client ids).
@@ -18,10 +22,11 @@ belongs to process ``k * P // K`` (contiguous ranges of the client ids).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sflam_jax.algorithms.base import RoundState
-from sflam_jax.data.batches import ClientRows, HostClients
+from sflam_jax.data.batches import ClientRows, HostClients, IndexedRows
 from sflam_jax.engine import Engine
 
 
@@ -88,13 +93,31 @@ def arrange(sampled: np.ndarray, owners: np.ndarray, columns: list[np.ndarray], 
     return slots
 
 
+def arrange_lanes(counts: np.ndarray, owners: np.ndarray, columns, lanes: int, queues_of):
+    """Slots ``[C, D]`` (position in the plan, -1 empty): each process's sampled clients queued on
+    its own lanes (``columns[p]``) by ``queues_of(counts [S], lanes) -> [lanes, S]`` (the engine's
+    longest-first scheduling, run on the process's clients with the others' counts zeroed)."""
+    s = len(counts)
+    queues = []
+    for p, cols in enumerate(columns):
+        mine = np.where(owners == p, counts, 0)
+        queue = np.asarray(queues_of(mine, len(cols)))
+        queues.append((cols, queue))
+    depth = max(1, max(int((q >= 0).sum(axis=1).max(initial=0)) for _, q in queues))
+    slots = np.full((lanes, depth), -1, np.int64)
+    for cols, queue in queues:
+        slots[cols] = queue[:, :depth]
+    assert (slots < s).all()
+    return slots
+
+
 class StreamedRound:
     """``round(state, key) -> (state, metrics)`` for data held by ``HostClients``.
 
     Args:
       engine: the round of a parallel protocol; its ``layout`` (required) places the arrays.
       host: this process's client table.
-      chunks_per_block: chunks trained per device call.
+      chunks_per_block: queue entries of every lane (or chunks) trained per device call.
       up_bits: uplink bits when the engine has no planner.
       state_shardings: NamedShardings of the round state.
       key_of: round index -> the round's key (traced inside the jitted plan; the trainer's
@@ -122,15 +145,15 @@ class StreamedRound:
         self.local_columns = self.columns[self.process]
         repl = layout.replicated
         self.counts = host.counts
-        self.block_sharding = layout.block_sharding()
-        sums_sh = (state_shardings.params_c, state_shardings.params_s, repl, repl)
+        self.lanes = engine.schedule == "lanes"
+        self.block_sharding = layout.lane_sharding() if self.lanes else layout.block_sharding()
+        sums_sh = (state_shardings.params_c, state_shardings.params_s, repl, repl, repl, repl)
+        self._queues = jax.jit(engine.lane_queues, static_argnums=1)
         self._plan = jax.jit(
             lambda counts, r: engine.round_plan(counts, key_of(r), up_bits), out_shardings=repl
         )
         self._empty = jax.jit(engine.empty_sums, out_shardings=sums_sh)
-        self._accumulate = jax.jit(
-            self._accumulate_block, donate_argnums=1, out_shardings=(sums_sh, repl)
-        )
+        self._accumulate = jax.jit(self._accumulate_block, donate_argnums=1, out_shardings=sums_sh)
         self._finish = jax.jit(
             self._finish_round,
             donate_argnums=0,
@@ -138,17 +161,29 @@ class StreamedRound:
         )
 
     def _accumulate_block(self, state, sums, plan, slots, rows: ClientRows):
+        if self.lanes:
+            # Lane c's block rows [n, L, ...] as one table; entry d of its queue starts at d * L.
+            c, n, width = rows.labels.shape
+            table = IndexedRows(
+                rows.images.reshape(c, n * width, *rows.images.shape[3:]),
+                rows.labels.reshape(c, n * width),
+                None,
+            )
+            index_of = lambda pos, depth: depth[:, None] * width + jnp.arange(width)  # noqa: E731
+            return self.engine.train_lanes(
+                state, sums, plan, slots, (table, IndexedRows(0, 0, 0)), index_of
+            )
         chunks = self.engine.in_chunks(plan, slots)
         chunks["rows"] = rows
         return self.engine.accumulate(state, sums, chunks, lambda c: c["rows"])
 
-    def _finish_round(self, state, sums, system, clients, health):
-        params_c, params_s, stats = self.engine.average(state, sums)
-        return self.engine.finish_round(state, system, params_c, params_s, stats, clients, health)
+    def _finish_round(self, state, sums, system, plan):
+        return self.engine.finish_sums(state, system, sums, plan)
 
     def _block_rows(self, plan_host, slots: np.ndarray) -> ClientRows:
-        """This process's columns of the block, gathered on the host and placed on the mesh."""
-        local = slots[:, self.local_columns]
+        """This process's lanes (columns) of the block, gathered on the host and placed on the
+        mesh."""
+        local = slots[self.local_columns] if self.lanes else slots[:, self.local_columns]
         taken = local >= 0
         clients = np.where(taken, plan_host["clients"][np.maximum(local, 0)], 0)
         counts = np.where(taken, plan_host["counts"][np.maximum(local, 0)], 0)
@@ -166,23 +201,25 @@ class StreamedRound:
         """Round ``r`` (0-based) from ``state``; returns ``(new_state, metrics)``."""
         plan, system = self._plan(self.counts, np.int32(r))
         plan_host = jax.device_get(plan)
-        slots = arrange(plan_host["clients"], self.owners, self.columns, self.engine.chunk)
         n = self.chunks_per_block
-        blocks = -(-slots.shape[0] // n)
-        slots = np.concatenate([slots, np.full((blocks * n - len(slots), slots.shape[1]), -1)])
+        if self.lanes:
+            owners = self.owners[plan_host["clients"]]
+            slots = arrange_lanes(
+                plan_host["counts"], owners, self.columns, self.engine.chunk, self._queues
+            )
+            blocks = -(-slots.shape[1] // n)
+            slots = np.pad(slots, ((0, 0), (0, blocks * n - slots.shape[1])), constant_values=-1)
+            block_of = lambda b: slots[:, b * n : (b + 1) * n]  # noqa: E731
+        else:
+            slots = arrange(plan_host["clients"], self.owners, self.columns, self.engine.chunk)
+            blocks = -(-slots.shape[0] // n)
+            slots = np.pad(slots, ((0, blocks * n - len(slots)), (0, 0)), constant_values=-1)
+            block_of = lambda b: slots[b * n : (b + 1) * n]  # noqa: E731
         sums = self._empty(state)
-        healths = []
         for b in range(blocks):
-            block = slots[b * n : (b + 1) * n]
+            block = block_of(b)
             # Dispatch is asynchronous: the host gathers this block while the device still
-            # trains the previous one (the flags are fetched once, after the last block).
+            # trains the previous one.
             rows = self._block_rows(plan_host, block)
-            sums, health = self._accumulate(state, sums, plan, block.astype(np.int32), rows)
-            healths.append(health)
-        # Finite flags back in sampling order: [n, 3, C] per block -> [3, S].
-        health = np.concatenate(jax.device_get(healths)).transpose(1, 0, 2).reshape(3, -1)
-        flat = slots.reshape(-1)
-        order = np.argsort(np.where(flat >= 0, flat, np.iinfo(np.int64).max), kind="stable")
-        health = health[:, order[: len(plan_host["clients"])]]
-        state, metrics = self._finish(state, sums, system, plan["clients"], health)
-        return state, metrics
+            sums = self._accumulate(state, sums, plan, block.astype(np.int32), rows)
+        return self._finish(state, sums, system, plan)

@@ -13,6 +13,7 @@ import ml_collections
 from sflam_jax.algorithms import registry
 from sflam_jax.algorithms.base import OPTIMIZERS
 from sflam_jax.config import base_config, flatten, get
+from sflam_jax.engine import SCHEDULES
 from sflam_jax.errors import ConfigError
 from sflam_jax.models.vit import PRESETS
 
@@ -112,6 +113,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             cfg.train.chunk_size,
             f"must be <= train.clients_per_round={cfg.train.clients_per_round} (0 = all at once)",
         )
+    _choice(cfg, "train.schedule", SCHEDULES)
     _int_in(cfg, "train.eval_batch_size", 1)
     _int_in(cfg, "train.chunks_per_block", 1)
     if (cfg.train.stream or cfg.distributed.enabled) and not protocol.streamable:

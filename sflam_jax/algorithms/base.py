@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from sflam_jax import quant
-from sflam_jax.data.batches import ClientRows, client_batch
+from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders
 from sflam_jax.errors import NonFiniteError
 from sflam_jax.models.split import SplitModel
 
@@ -195,6 +195,18 @@ class SplitTraining:
             self.optimizer.init(params_s),
             jnp.zeros((3,), jnp.float32),
         )
+
+    def client_start(self, params_c, params_s, count, key, width: int):
+        """A client's start: ``(carry, orders [E, width], step key)`` from its round key (the
+        epoch shuffles and the step noise are separate streams of it)."""
+        order_key, step_key = jax.random.split(key)
+        orders = epoch_orders(order_key, count, width, self.local_epochs)
+        return self.start_carry(params_c, params_s), orders, step_key
+
+    @staticmethod
+    def client_result(carry):
+        """``(params_c, params_s, stats [3])`` of a local-training carry."""
+        return carry[0], carry[1], carry[4]
 
     def client_step(self, carry, rows: ClientRows, count, orders, up_bits, key, step):
         """One local step of one client and its server copy; a step with no samples is a no-op."""

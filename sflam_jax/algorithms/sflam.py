@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from sflam_jax.algorithms.base import Protocol, SplitTraining
 from sflam_jax.allocation import IN_GRAPH
-from sflam_jax.data.batches import ClientRows, epoch_orders, local_steps
+from sflam_jax.data.batches import ClientRows, local_steps
 from sflam_jax.wireless.costs import sflam_round_costs
 
 
@@ -51,11 +51,9 @@ class SFLV1(SplitTraining):
           correct, samples seen).
         """
         width = rows.labels.shape[1]
-        order_keys, step_keys = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-        orders = jax.vmap(lambda k, n: epoch_orders(k, n, width, self.local_epochs))(
-            order_keys, counts
-        )
-        carry = jax.vmap(self.start_carry)(params_c, params_s)
+        carry, orders, step_keys = jax.vmap(
+            lambda pc, ps, n, k: self.client_start(pc, ps, n, k, width)
+        )(params_c, params_s, counts, keys)
         step_fn = jax.vmap(self.client_step, in_axes=(0, 0, 0, 0, 0, 0, None))
         num_steps = jnp.max(local_steps(counts, self.batch_size, self.local_epochs))
         carry = jax.lax.fori_loop(
@@ -64,7 +62,7 @@ class SFLV1(SplitTraining):
             lambda t, carry: step_fn(carry, rows, counts, orders, up_bits, step_keys, t),
             carry,
         )
-        return carry[0], carry[1], carry[4]
+        return self.client_result(carry)
 
 
 PROTOCOL = Protocol(

@@ -56,6 +56,30 @@ class ClientRows:
     images: jax.Array
     labels: jax.Array
 
+    def take(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Images and labels at ``positions`` of one client's rows."""
+        return self.images[positions], self.labels[positions]
+
+
+@flax.struct.dataclass
+class IndexedRows:
+    """One client's samples as indices into a sample table, gathered a batch at a time.
+
+    Attributes:
+      images: ``[N, H, W, C]`` uint8, the table (shared by every client that reads it).
+      labels: ``[N]`` int32.
+      index: ``[L]`` int32, the client's samples in its first ``count`` entries.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+    index: jax.Array
+
+    def take(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Images and labels at ``positions`` of the client's index row."""
+        rows = self.index[positions]
+        return self.images[rows], self.labels[rows]
+
 
 def gather_rows(data: ClientData, clients: jax.Array) -> ClientRows:
     """The rows of ``clients`` (``[C]`` ids) from the device table: ``[C, L, ...]``."""
@@ -173,7 +197,7 @@ def epoch_orders(key: jax.Array, count: jax.Array, width: int, epochs: int) -> j
 
 
 def client_batch(
-    rows: ClientRows,
+    rows: ClientRows | IndexedRows,
     count: jax.Array,
     orders: jax.Array,
     step: jax.Array,
@@ -182,7 +206,7 @@ def client_batch(
     """Batch ``step`` of one client's local training.
 
     Args:
-      rows: one client's padded samples (``[L, H, W, C]`` and ``[L]``).
+      rows: one client's padded samples (``[L, H, W, C]`` and ``[L]``), or their indices.
       count: the samples it trains on, or 0 for a padding slot.
       orders: ``[E, L]`` from ``epoch_orders``.
       step: local step index in ``[0, tau_k)``; later steps give an all-false mask.
@@ -197,7 +221,8 @@ def client_batch(
     positions = jax.lax.dynamic_slice(orders[epoch], (offset,), (batch_size,))
     in_range = step < orders.shape[0] * steps_per_epoch(count, batch_size)
     mask = (offset + jnp.arange(batch_size) < count) & in_range
-    return rows.images[positions], rows.labels[positions], mask
+    images, labels = rows.take(positions)
+    return images, labels, mask
 
 
 def preprocess(images: jax.Array, mean, std, image_size: int, channels: int = 0) -> jax.Array:
