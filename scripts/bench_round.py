@@ -1,13 +1,23 @@
-"""One SFL-V1 training round four ways, side by side, on any backend (ratios within one run).
+"""One SFL-V1 training round several ways, side by side, on any backend (ratios within one run).
 
     python scripts/bench_round.py [--sizes 8,32,128,256,1024] [--out docs/bench/round_cpu.json]
-        [--engines jit_chunked,...] [--preset ti16 --patch-size 7]
+        [--engines jit_chunked,...] [--preset ti16 --patch-size 7] [--hetero]
+
+``--hetero`` runs the workload users run instead: the default config's non-IID clients (a
+Dirichlet(0.5) partition of K = 50 clients, or K = 1,024 when S > 50, sizes differing tenfold),
+one local epoch, and reports useful client steps per second (``sum_k tau_k`` over round time) with
+the share of computed steps that were useful, for the jitted round under both schedules
+(``jit_chunked``: fixed chunks; ``jit_lanes``: the lanes schedule), the Python-driven steps and
+PyTorch; defaults ``--sizes 10,50 --out docs/bench/round_hetero_cpu.json``.
 
 Same ViT split (the default config's "mini" ViT, cut after the embedding, float matmuls), same
 Fashion-MNIST data (K = 1,024 IID clients of about 58 samples, batch 32, one epoch: 2 client steps
 each), same protocol (SFL-V1 with the 8-bit stochastic uplink quantizer, SGD with momentum, FedAvg):
 
-- ``jit_chunked``: the jitted round, clients vmapped 16 at a time (``train.chunk_size = 16``);
+- ``jit_chunked``: the jitted round, clients vmapped 16 at a time (``train.chunk_size = 16``,
+  ``train.schedule = "chunks"``);
+- ``jit_lanes``: the jitted round with the lanes schedule (``train.schedule = "lanes"``), its lane
+  count chosen by the engine (``train.chunk_size = 0``);
 - ``jit_chunked_cores`` (CPU only): the same round on one XLA CPU device per core
   (``sharding.cpu_devices``), each chunk's client axis split over them by the run's mesh, as it
   would be over the GPUs of a host;
@@ -45,7 +55,15 @@ import numpy as np
 from benchlib import machine, matmul_flops_per_s, matmul_seconds
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-ENGINES = ("jit_chunked", "jit_chunked_cores", "jit_unchunked", "python_steps", "torch_sequential")
+ENGINES = (
+    "jit_chunked",
+    "jit_lanes",
+    "jit_chunked_cores",
+    "jit_unchunked",
+    "python_steps",
+    "torch_sequential",
+)
+HETERO_ENGINES = ("jit_chunked", "jit_lanes", "python_steps", "torch_sequential")
 MALLOC_ENV = {
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
     "MALLOC_MMAP_THRESHOLD_": "33554432",
@@ -57,19 +75,25 @@ CHUNK = int(os.environ.get("BENCH_CHUNK", 16))  # clients per chunk of jit_chunk
 # The model: the default config's "mini" ViT unless --preset / --patch-size say otherwise.
 PRESET = os.environ.get("BENCH_PRESET", "mini")
 PATCH = int(os.environ.get("BENCH_PATCH", 0))  # 0 = the preset's
+HETERO = os.environ.get("BENCH_HETERO", "") == "1"  # the default config's non-IID clients
 
 
-def bench_config(clients_per_round: int, chunk_size: int):
+def bench_config(clients_per_round: int, chunk_size: int, schedule: str = "chunks"):
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     import default
 
     c = default.get_config()
-    c.data.num_clients = NUM_CLIENTS
-    c.data.partition = "iid"
+    if HETERO:
+        # The default config's Dirichlet partition (K = 50), or K = 1,024 for larger S.
+        c.data.num_clients = max(c.data.num_clients, NUM_CLIENTS if clients_per_round > 50 else 0)
+    else:
+        c.data.num_clients = NUM_CLIENTS
+        c.data.partition = "iid"
     c.aqt.enabled = False  # PyTorch has no AQT; every engine runs float matmuls
     c.model.preset, c.model.patch_size = PRESET, PATCH
     c.train.clients_per_round = clients_per_round
     c.train.chunk_size = chunk_size
+    c.train.schedule = schedule
     c.metrics.progress = False
     return c
 
@@ -78,8 +102,8 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed_rounds(run_round, rounds: int) -> tuple[float, float]:
-    """``(warm-up round s, median round s)``; ``run_round(r)`` must block until done."""
+def timed_rounds(run_round, rounds: int) -> tuple[float, list[float]]:
+    """``(warm-up round s, [timed round s])``; ``run_round(r)`` must block until done."""
     t0 = time.perf_counter()
     run_round(0)
     first = time.perf_counter() - t0
@@ -88,7 +112,19 @@ def timed_rounds(run_round, rounds: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         run_round(r)
         times.append(time.perf_counter() - t0)
-    return first, float(np.median(times))
+    return first, times
+
+
+def timing_row(s: int, first: float, times: list[float], steps: list[int]) -> dict:
+    """A result row: useful client steps over the timed rounds' total time (the rounds sample
+    other clients, so their step counts differ), the median round and the warm-up extra."""
+    return {
+        "clients_per_round": s,
+        "first_round_s": first,
+        "round_s": float(np.median(times)),
+        "steps": int(np.sum(steps)),
+        "seconds": float(np.sum(times)),
+    }
 
 
 # -- JAX engines ---------------------------------------------------------------------------------
@@ -109,7 +145,9 @@ def client_steps(run, clients) -> int:
     return int(np.sum(local_steps(counts, cfg.train.batch_size, cfg.train.local_epochs)))
 
 
-def engine_jit(sizes, rounds, chunked: bool, max_unchunked: int, per_core: bool = False):
+def engine_jit(
+    sizes, rounds, chunked: bool, max_unchunked: int, per_core: bool = False, lanes: bool = False
+):
     import jax
 
     from sflam_jax import experiment, sharding
@@ -123,18 +161,25 @@ def engine_jit(sizes, rounds, chunked: bool, max_unchunked: int, per_core: bool 
     for s in sizes:
         if not chunked and s > max_unchunked:
             continue
-        run = experiment.build_run(bench_config(s, min(CHUNK, s) if chunked else 0), dataset)
+        if lanes:
+            cfg = bench_config(s, 0, "lanes")
+        else:
+            cfg = bench_config(s, min(CHUNK, s) if chunked else 0)
+        run = experiment.build_run(cfg, dataset)
         box = {"state": run.initial}
-        sampled = []
+        sampled, computed = [], []
 
-        def one(r, run=run, box=box, sampled=sampled):
+        def one(r, run=run, box=box, sampled=sampled, computed=computed):
             box["state"], metrics = run.round_fn(box["state"], r)
             jax.block_until_ready(box["state"])
             sampled.append(np.asarray(metrics["clients"]))
+            computed.append(int(metrics["computed_client_steps"]))
 
-        first, median = timed_rounds(one, rounds)
-        steps = client_steps(run, sampled[-1])
-        yield {"clients_per_round": s, "first_round_s": first, "round_s": median, "steps": steps}
+        first, times = timed_rounds(one, rounds)
+        steps = [client_steps(run, c) for c in sampled[1:]]
+        row = timing_row(s, first, times, steps)
+        row.update(lanes=run.engine.chunk, useful_share=row["steps"] / float(np.sum(computed[1:])))
+        yield row
 
 
 def engine_python_steps(sizes, rounds):
@@ -144,9 +189,8 @@ def engine_python_steps(sizes, rounds):
     for s in sizes:
         run = experiment.build_run(bench_config(s, 0), dataset)
         sampled = []
-        first, median = timed_rounds(python_driven_round(run, dataset, sampled), rounds)
-        steps = client_steps(run, sampled[-1])
-        yield {"clients_per_round": s, "first_round_s": first, "round_s": median, "steps": steps}
+        first, times = timed_rounds(python_driven_round(run, dataset, sampled), rounds)
+        yield timing_row(s, first, times, [client_steps(run, c) for c in sampled[1:]])
 
 
 def python_driven_round(run, dataset, sampled: list):
@@ -290,17 +334,19 @@ def model_matmul_flops_per_s(cfg, chunk: int, repeats: int = 20) -> tuple[float,
 
 
 def engine_torch(sizes, rounds):
+    import jax
     import torch
     import transformers
 
+    from sflam_jax.algorithms.base import sample_clients
     from sflam_jax.data.batches import local_steps
     from sflam_jax.data.datasets import load_dataset
     from sflam_jax.data.partition import partition
+    from sflam_jax.experiment import round_key
     from sflam_jax.models.vit import PRESETS
 
     cfg = bench_config(8, 0)
     dataset = load_dataset(cfg.data)
-    parts = partition(dataset.train_labels, cfg.data, cfg.seed)
     hidden, depth, heads, mlp, patch = PRESETS[cfg.model.preset]
     patch = cfg.model.patch_size or patch
     torch.manual_seed(cfg.seed)
@@ -371,9 +417,12 @@ def engine_torch(sizes, rounds):
 
     for s in sizes:
         sampled = []
+        parts = partition(dataset.train_labels, bench_config(s, 0).data, cfg.seed)
 
-        def one_round(r, s=s, sampled=sampled):
-            clients = rng.choice(NUM_CLIENTS, s, replace=False)
+        def one_round(r, s=s, sampled=sampled, parts=parts):
+            # The clients the JAX engines sample in round r.
+            sample_key = jax.random.split(round_key(cfg.seed, r))[0]
+            clients = np.asarray(sample_clients(sample_key, len(parts), s))
             sums_c = {k: torch.zeros_like(v) for k, v in global_c.state_dict().items()}
             sums_s = {k: torch.zeros_like(v) for k, v in global_s.state_dict().items()}
             total = 0
@@ -405,10 +454,12 @@ def engine_torch(sizes, rounds):
                 global_s.load_state_dict({k: v / total for k, v in sums_s.items()})
             sampled.append(clients)
 
-        first, median = timed_rounds(one_round, rounds)
-        counts = np.asarray([len(parts[k]) for k in sampled[-1]])
-        steps = int(np.sum(local_steps(counts, b, epochs)))
-        yield {"clients_per_round": s, "first_round_s": first, "round_s": median, "steps": steps}
+        first, times = timed_rounds(one_round, rounds)
+        steps = [
+            int(np.sum(local_steps(np.asarray([len(parts[k]) for k in c]), b, epochs)))
+            for c in sampled[1:]
+        ]
+        yield timing_row(s, first, times, steps)
 
 
 # -- driver --------------------------------------------------------------------------------------
@@ -417,6 +468,8 @@ def engine_torch(sizes, rounds):
 def run_engine(name: str, sizes, rounds: int, max_unchunked: int):
     if name == "jit_chunked":
         rows = engine_jit(sizes, rounds, True, max_unchunked)
+    elif name == "jit_lanes":
+        rows = engine_jit(sizes, rounds, True, max_unchunked, lanes=True)
     elif name == "jit_unchunked":
         rows = engine_jit(sizes, rounds, False, max_unchunked)
     elif name == "python_steps":
@@ -439,7 +492,7 @@ def run_engine(name: str, sizes, rounds: int, max_unchunked: int):
         raise SystemExit(f"unknown engine {name!r}; allowed: {ENGINES}")
     for row in rows:
         row.update(engine=name, peak_rss_mib=peak_mib())
-        row["steps_per_s"] = row["steps"] / row["round_s"]
+        row["steps_per_s"] = row["steps"] / row["seconds"]
         print(json.dumps(row), flush=True)
 
 
@@ -447,14 +500,15 @@ def table(result) -> str:
     """Markdown: client steps/s, % of the two matmul ceilings, warm-up extra and peak memory."""
     ref, shaped = result["matmul_flops_per_s"], result["model_matmul_flops_per_s"]
     lines = [
-        "| engine | S | client steps/s | achieved GFLOP/s | % of dense matmul "
-        "| % of model-shape matmuls | warm-up extra s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | S | useful client steps/s | useful share | achieved GFLOP/s "
+        "| % of dense matmul | % of model-shape matmuls | warm-up extra s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         flops = r["steps_per_s"] * result["step_flops"]
+        share = f"{100 * r['useful_share']:.0f}%" if "useful_share" in r else "100%"
         lines.append(
-            f"| {r['engine']} | {r['clients_per_round']:,} | {r['steps_per_s']:.1f} "
+            f"| {r['engine']} | {r['clients_per_round']:,} | {r['steps_per_s']:.1f} | {share} "
             f"| {flops / 1e9:.1f} | {100 * flops / ref:.1f} | {100 * flops / shaped:.1f} "
             f"| {r['first_round_s'] - r['round_s']:.1f} | {r['peak_rss_mib']:.0f} |"
         )
@@ -470,8 +524,18 @@ def main() -> None:
     parser.add_argument("--preset", default=PRESET, help="models.vit preset (default: mini)")
     parser.add_argument("--patch-size", type=int, default=PATCH, help="0 = the preset's")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "round_cpu.json"))
+    parser.add_argument("--hetero", action="store_true", help="non-IID clients of unequal size")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hetero:
+        defaults = {"sizes": "8,32,128,256,1024", "engines": ",".join(ENGINES)}
+        defaults["out"] = os.path.join(ROOT, "docs", "bench", "round_cpu.json")
+        if args.sizes == defaults["sizes"]:
+            args.sizes = "10,50"
+        if args.engines == defaults["engines"]:
+            args.engines = ",".join(HETERO_ENGINES)
+        if args.out == defaults["out"]:
+            args.out = os.path.join(ROOT, "docs", "bench", "round_hetero_cpu.json")
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.engine:
         run_engine(args.engine, sizes, args.rounds, args.max_unchunked)
@@ -483,6 +547,7 @@ def main() -> None:
         "PYTHONPATH": ROOT,
         "BENCH_PRESET": args.preset,
         "BENCH_PATCH": str(args.patch_size),
+        "BENCH_HETERO": "1" if args.hetero else "",
     }
 
     def launch(name):
@@ -516,7 +581,8 @@ def main() -> None:
         "machine": machine(),
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
-        "num_clients": NUM_CLIENTS,
+        "num_clients": "default config's Dirichlet(0.5) K" if HETERO else NUM_CLIENTS,
+        "hetero": HETERO,
         "chunk_size": CHUNK,
         "preset": args.preset,
         "patch_size": args.patch_size,

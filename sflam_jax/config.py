@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     # "lanes": each lane takes its next client when one finishes (longest first), so lanes stay
     # busy when clients' step counts differ; "chunks": fixed chunks, each run to its longest client.
     c.train.schedule = "lanes"
+    # With lanes and chunk_size = 0: the most lanes that keep this share of the computed client
+    # steps useful (estimated from the partition's client sizes).
+    c.train.min_useful_share = 0.95
     # Keep the clients' samples on the host and stream them to the devices chunks_per_block chunks
     # at a time (large populations; always on with several processes).
     c.train.stream = False

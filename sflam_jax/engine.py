@@ -50,6 +50,19 @@ SCHEDULES = ("lanes", "chunks")
 _SYSTEM_STREAM = 0x5157
 
 
+def _longest_first(tau: jax.Array) -> jax.Array:
+    """Positions of ``tau`` in descending order (stable: ties keep the plan's order)."""
+    return jnp.argsort(-tau, stable=True)
+
+
+def _lpt_step(loads: jax.Array, tau: jax.Array):
+    """One step of list scheduling: the next client (``tau`` steps) goes to the least-loaded
+    lane. Returns ``(lane, whether it trains at all, new loads)``."""
+    lane = jnp.argmin(loads)
+    take = tau > 0
+    return lane, take, loads.at[lane].add(jnp.where(take, tau, 0).astype(loads.dtype))
+
+
 @dataclasses.dataclass(frozen=True)
 class Engine:
     """One protocol's round on a mesh.
@@ -227,15 +240,13 @@ class Engine:
         lane with the least work so far (ties: the lower lane). Clients without samples train
         nowhere. This is the order in which lanes that take the next client when they finish
         would receive them."""
-        tau = local_steps(counts, self.algorithm.batch_size, self.algorithm.local_epochs)
+        tau = self.local_steps(counts)
         s = tau.shape[0]
 
         def assign(carry, p):
             loads, depth, queues = carry
-            lane = jnp.argmin(loads)
-            take = tau[p] > 0
+            lane, take, loads = _lpt_step(loads, tau[p])
             queues = queues.at[lane, depth[lane]].set(jnp.where(take, p, -1))
-            loads = loads.at[lane].add(jnp.where(take, tau[p], 0))
             depth = depth.at[lane].add(take.astype(jnp.int32))
             return (loads, depth, queues), None
 
@@ -244,12 +255,30 @@ class Engine:
             jnp.zeros((lanes,), jnp.int32),
             jnp.full((lanes, s), -1, jnp.int32),
         )
-        order = jnp.argsort(-tau, stable=True)
-        return jax.lax.scan(assign, start, order)[0][2]
+        return jax.lax.scan(assign, start, _longest_first(tau))[0][2]
+
+    def useful_share(self, counts: jax.Array, lanes: jax.Array, max_lanes: int) -> jax.Array:
+        """Mean share of useful client steps when rounds of ``counts [R, S]`` clients run on
+        ``lanes`` (traced, at most ``max_lanes``) lanes: ``sum_k tau_k / (lanes * the most loaded
+        lane's steps)``, with the lanes filled as ``lane_queues`` fills them."""
+        tau = self.local_steps(counts)
+
+        def one(tau):
+            closed = jnp.where(jnp.arange(max_lanes) < lanes, 0, jnp.iinfo(jnp.int32).max)
+            loads = jax.lax.scan(
+                lambda loads, t: (_lpt_step(loads, t)[2], None),
+                closed.astype(jnp.int32),
+                tau[_longest_first(tau)],
+            )[0]
+            busiest = jnp.max(jnp.where(jnp.arange(max_lanes) < lanes, loads, 0))
+            return jnp.sum(tau) / jnp.maximum(lanes * busiest, 1)
+
+        return jnp.mean(jax.vmap(one)(tau))
 
     def train_lanes(self, state: RoundState, sums, plan: dict, queues, table, index_of):
         """The ``"lanes"`` schedule: C lanes work through their queues and add each client to
-        ``sums`` when it finishes, in one ``lax.while_loop`` that runs while any lane has work.
+        ``sums`` when it finishes, in one ``lax.while_loop`` that runs while any lane has work;
+        each of its iterations steps all lanes until the next client finishes.
 
         Args:
           state: the round's global model.
@@ -305,15 +334,24 @@ class Engine:
             return load({**ls, "sums": acc}, finished)
 
         def body(ls):
+            # Step every lane until the next client finishes (no per-step test), then add the
+            # finished ones to the sums and reload their lanes.
             rows = IndexedRows(rows_table.images, rows_table.labels, ls["index"])
-            carry = jax.vmap(alg.client_step, in_axes=(0, rows_axes, 0, 0, 0, 0, 0))(
-                ls["carry"], rows, ls["count"], ls["orders"], ls["bits"], ls["step_key"], ls["t"]
+            step_fn = jax.vmap(alg.client_step, in_axes=(0, rows_axes, 0, 0, 0, 0, 0))
+            left = jnp.where(ls["active"], ls["tau"] - ls["t"], jnp.iinfo(jnp.int32).max)
+            run = jnp.min(left)
+            carry = jax.lax.fori_loop(
+                0,
+                run,
+                lambda i, carry: step_fn(
+                    carry, rows, ls["count"], ls["orders"], ls["bits"], ls["step_key"], ls["t"] + i
+                ),
+                ls["carry"],
             )
-            t = ls["t"] + ls["active"].astype(jnp.int32)
-            finished = ls["active"] & (t >= ls["tau"])
+            t = ls["t"] + run * ls["active"].astype(jnp.int32)
             acc = ls["sums"]
-            ls = {**ls, "carry": carry, "t": t, "sums": (*acc[:-1], acc[-1] + c)}
-            return jax.lax.cond(jnp.any(finished), finish, lambda ls, _: ls, ls, finished)
+            ls = {**ls, "carry": carry, "t": t, "sums": (*acc[:-1], acc[-1] + run * c)}
+            return finish(ls, ls["active"] & (t >= ls["tau"]))
 
         zero_keys = plan["keys"][jnp.zeros((c,), jnp.int32)]
         start = {

@@ -190,8 +190,38 @@ def device_memory(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
     }
 
 
-def build_engine(config, protocol: Protocol, model, preprocess, planner, layout=None) -> Engine:
-    """The round engine of ``protocol`` with the config's training fields."""
+# The most lanes train.chunk_size = 0 chooses; larger counts are set explicitly.
+MAX_AUTO_LANES = 1024
+
+
+def choose_lanes(config, engine: Engine, client_sizes, rounds: int = 16) -> int:
+    """The lane count of ``train.chunk_size = 0`` under the lanes schedule: the most lanes (at
+    most S and ``MAX_AUTO_LANES``) that keep at least ``train.min_useful_share`` of the computed
+    client steps useful, estimated on ``rounds`` rounds of S clients drawn from the partition's
+    sizes (host RNG of ``config.seed``). Fewer lanes waste less of the tail where the longest
+    clients finish alone; more lanes run more clients at once. Every count up to 64 is tried, then
+    steps of about 1.25x."""
+    s = config.train.clients_per_round
+    rng = np.random.default_rng(config.seed)
+    sizes = np.asarray(client_sizes)
+    counts = np.stack([sizes[rng.choice(len(sizes), s, replace=False)] for _ in range(rounds)])
+    top = min(s, MAX_AUTO_LANES)
+    candidates = set(range(1, min(top, 64) + 1)) | {top}
+    c = 64.0
+    while c < top:
+        candidates.add(int(c))
+        c *= 1.25
+    candidates = np.asarray(sorted(candidates), np.int32)
+    shares = jax.jit(jax.vmap(lambda lanes: engine.useful_share(counts, lanes, top)))(candidates)
+    ok = np.asarray(shares) >= config.train.min_useful_share
+    return int(candidates[ok].max()) if ok.any() else 1
+
+
+def build_engine(
+    config, protocol: Protocol, model, preprocess, planner, layout=None, client_sizes=None
+) -> Engine:
+    """The round engine of ``protocol`` with the config's training fields; ``client_sizes`` (the
+    partition's) choose the lane count when ``train.chunk_size = 0`` under the lanes schedule."""
     algorithm = protocol.make(
         model=model,
         optimizer=make_optimizer(config.optimizer),
@@ -200,7 +230,7 @@ def build_engine(config, protocol: Protocol, model, preprocess, planner, layout=
         batch_size=config.train.batch_size,
         down_bits=protocol.cut_bits(config.quant)[1],
     )
-    return Engine(
+    engine = Engine(
         algorithm=algorithm,
         clients_per_round=config.train.clients_per_round,
         chunk_size=config.train.chunk_size,
@@ -208,6 +238,14 @@ def build_engine(config, protocol: Protocol, model, preprocess, planner, layout=
         layout=layout,
         schedule=config.train.schedule,
     )
+    if (
+        algorithm.parallel
+        and engine.schedule == "lanes"
+        and not engine.chunk_size
+        and client_sizes is not None
+    ):
+        engine = dataclasses.replace(engine, chunk_size=choose_lanes(config, engine, client_sizes))
+    return engine
 
 
 # -- the experiment -------------------------------------------------------------------------
@@ -264,7 +302,11 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset | None 
         **dataclasses.asdict(planner.workload),
         **device_memory(config, model_cfg, shapes.params_c, shapes.params_s),
     }
-    engine = build_engine(config, protocol, model, preprocess, planner)
+    engine = build_engine(
+        config, protocol, model, preprocess, planner, client_sizes=[len(p) for p in parts]
+    )
+    # The lanes the engine chose (train.chunk_size = 0) or was given, rounded to the mesh later.
+    system["lanes"] = engine.chunk_size or engine.clients_per_round
     return Experiment(
         config=config,
         protocol=protocol,

@@ -114,6 +114,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"must be <= train.clients_per_round={cfg.train.clients_per_round} (0 = all at once)",
         )
     _choice(cfg, "train.schedule", SCHEDULES)
+    if not 0 < cfg.train.min_useful_share <= 1:
+        _fail("train.min_useful_share", cfg.train.min_useful_share, "must be in (0, 1]")
     _int_in(cfg, "train.eval_batch_size", 1)
     _int_in(cfg, "train.chunks_per_block", 1)
     if (cfg.train.stream or cfg.distributed.enabled) and not protocol.streamable:

@@ -50,6 +50,8 @@ BAD = [
     ("wireless.kappa", 0.0, "wireless.kappa=0.0"),
     ("allocation.pgd_steps", 0, "allocation.pgd_steps=0"),
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0"),
+    ("train.schedule", "greedy", "train.schedule='greedy'"),
+    ("train.min_useful_share", 1.5, "train.min_useful_share=1.5"),
 ]
 
 

@@ -262,3 +262,24 @@ def test_lanes_match_python_loop_and_waste_less(sizes, cut, bits, per_round, lan
     # The lanes run until the most loaded one is done.
     width = eng.chunk
     assert computed % width == 0 and computed // width >= max(taus)
+
+
+def test_auto_lanes_keep_the_useful_share():
+    """``train.chunk_size = 0`` under lanes: equal clients use every lane; very unequal ones use
+    fewer, and the chosen count meets the target share on the sampled rounds."""
+    from sflam_jax.config import base_config
+    from sflam_jax.experiment import choose_lanes
+
+    model, *_ = _setup([4], 0)
+    cfg = base_config()
+    cfg.train.clients_per_round = 6
+    eng = engine_of(model, Preprocess(mean=(0.5,), std=(0.5,), image_size=14), per_round=6)
+    assert choose_lanes(cfg, eng, [16] * 20) == 6
+    sizes = [4] * 15 + [400] * 5
+    lanes = choose_lanes(cfg, eng, sizes)
+    assert 1 <= lanes < 6
+    rng = np.random.default_rng(cfg.seed)
+    counts = np.stack([np.asarray(sizes)[rng.choice(20, 6, replace=False)] for _ in range(32)])
+    assert float(eng.useful_share(counts, lanes, 6)) >= cfg.train.min_useful_share
+    # A hand check of the share: tau = 2 * [1, 1, 100], 2 lanes: loads 200 and 4.
+    np.testing.assert_allclose(eng.useful_share(jnp.array([[4, 4, 400]]), 2, 3), 204 / 400)
