@@ -46,6 +46,8 @@ def config(mode: str, clients_per_round: int):
     c.train.batch_size = 6
     c.train.clients_per_round = clients_per_round
     c.train.chunk_size = 0 if mode == "unchunked" else min(CHUNK, clients_per_round)
+    # "unchunked": every sampled client vmapped at once (one chunk of all S).
+    c.train.schedule = "chunks" if mode == "unchunked" else "lanes"
     c.train.stream = mode == "streamed"
     c.train.chunks_per_block = 4
     return c

@@ -225,12 +225,13 @@ def python_driven_round(run, dataset, sampled: list):
     def add(sums, carry, count):
         one = lambda t: jax.tree.map(lambda x: x[None], t)  # noqa: E731
         w = count.astype(jnp.float32)[None]
-        sum_c, sum_s, stats, weight = sums
+        sum_c, sum_s, stats, weight, *rest = sums
         return (
             jax.tree.map(jnp.add, sum_c, weighted_sum(one(carry[0]), w)),
             jax.tree.map(jnp.add, sum_s, weighted_sum(one(carry[1]), w)),
             stats + carry[4],
             weight + w[0],
+            *rest,
         )
 
     average = jax.jit(engine.average)

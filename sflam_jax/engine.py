@@ -319,7 +319,7 @@ class Engine:
                 "index": pick(index, ls["index"]),
                 "count": count,
                 "bits": jnp.where(take, plan["up_bits"][pos], ls["bits"]),
-                "tau": local_steps(count, alg.batch_size, alg.local_epochs),
+                "tau": self.local_steps(count),
                 "t": jnp.where(which, 0, ls["t"]),
                 "depth": depth,
                 "pos": jnp.where(take, pos, ls["pos"]),
@@ -339,7 +339,9 @@ class Engine:
             rows = IndexedRows(rows_table.images, rows_table.labels, ls["index"])
             step_fn = jax.vmap(alg.client_step, in_axes=(0, rows_axes, 0, 0, 0, 0, 0))
             left = jnp.where(ls["active"], ls["tau"] - ls["t"], jnp.iinfo(jnp.int32).max)
-            run = jnp.min(left)
+            # 0 when no lane is busy: under vmap (vectorized sweeps) a finished point still runs
+            # the body while other points work.
+            run = jnp.where(jnp.any(ls["active"]), jnp.min(left), 0)
             carry = jax.lax.fori_loop(
                 0,
                 run,

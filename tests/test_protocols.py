@@ -114,7 +114,7 @@ def test_every_protocol_trains_through_the_trainer(name, tiny_config, tmp_path):
     from sflam_jax.algorithms import registry
 
     cfg = tiny_config
-    cfg.algorithm, cfg.num_rounds, cfg.eval_every = name, 2, 1
+    cfg.algorithm, cfg.num_rounds, cfg.eval_every = name, 1, 1
     cfg.aqt.enabled = True  # ignored by the baselines (float models)
     record = train.train_and_evaluate(cfg, str(tmp_path))
     # The sequential protocols overshoot in their first round at this learning rate.

@@ -211,6 +211,10 @@ def test_two_processes_equal_one_process(tmp_path, idx_dir, tfds_dir):
     for a, b in zip(want, got, strict=True):
         assert a.keys() == b.keys()
         for key, value in a.items():
+            if key == "computed_client_steps":
+                # Each process queues its own clients on its own lanes: another schedule.
+                assert b[key] >= b["useful_client_steps"]
+                continue
             np.testing.assert_allclose(b[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
     state_one = final_state(str(one), 2)
     state_two = final_state(str(two), 2, like=state_one)
