@@ -104,7 +104,7 @@ def test_streamed_round_equals_the_one_program_round(reference_run, tmp_path, sc
     block, so FedAvg adds them in another order (float32 rounding)."""
     cfg, _, _ = reference_run
     cfg = cfg.copy_and_resolve_references()
-    cfg.num_rounds, cfg.train.chunk_size, cfg.train.schedule = 2, 2, schedule
+    cfg.num_rounds, cfg.train.chunk_size, cfg.train.schedule = 1, 2, schedule
     train.train_and_evaluate(cfg, str(tmp_path / "one_program"))
     cfg.train.stream, cfg.train.chunks_per_block = True, 1
     train.train_and_evaluate(cfg, str(tmp_path / "streamed"))
