@@ -68,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.clients_per_round = 10  # S
     c.train.local_epochs = 1  # E
     c.train.batch_size = 32  # B
-    c.train.chunk_size = 0  # clients vmapped side by side (lanes or chunk width); 0 = all S
+    # Clients vmapped side by side (lanes, or the chunk width); 0 = chosen from the partition
+    # (lanes, see min_useful_share) or all S (chunks).
+    c.train.chunk_size = 0
     # "lanes": each lane takes its next client when one finishes (longest first), so lanes stay
     # busy when clients' step counts differ; "chunks": fixed chunks, each run to its longest client.
     c.train.schedule = "lanes"
