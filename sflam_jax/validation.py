@@ -111,7 +111,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _fail(
             "train.chunk_size",
             cfg.train.chunk_size,
-            f"must be <= train.clients_per_round={cfg.train.clients_per_round} (0 = all at once)",
+            f"must be <= train.clients_per_round={cfg.train.clients_per_round} (0 = chosen "
+            "from the partition with lanes, all at once with chunks)",
         )
     _choice(cfg, "train.schedule", SCHEDULES)
     if not 0 < cfg.train.min_useful_share <= 1:
