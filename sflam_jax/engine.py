@@ -112,12 +112,11 @@ class Engine:
         """
         sample_key, train_key = jax.random.split(key)
         s = self.clients_per_round
-        algorithm = self.algorithm
         clients = sample_clients(sample_key, counts.shape[0], s)
         bits = jnp.broadcast_to(jnp.asarray(up_bits, jnp.float32), (s,))
         system = {}
         if self.planner is not None:
-            steps = local_steps(counts[clients], algorithm.batch_size, algorithm.local_epochs)
+            steps = self.local_steps(counts[clients])
             bits, system = self.planner(
                 jax.random.fold_in(key, _SYSTEM_STREAM), steps, counts[clients]
             )
@@ -229,8 +228,8 @@ class Engine:
                 state, rows_of(chunk), counts, chunk["up_bits"], chunk["keys"]
             )
             acc = self.add_clients(acc, params_c, params_s, stats, counts, chunk["positions"])
-            steps = local_steps(counts, self.algorithm.batch_size, self.algorithm.local_epochs)
-            return (*acc[:-1], acc[-1] + jnp.max(steps) * counts.shape[0]), None
+            steps = jnp.max(self.local_steps(counts)) * counts.shape[0]
+            return (*acc[:-1], acc[-1] + steps), None
 
         return jax.lax.scan(chunk_body, sums, chunks)[0]
 
@@ -355,12 +354,13 @@ class Engine:
             ls = {**ls, "carry": carry, "t": t, "sums": (*acc[:-1], acc[-1] + run * c)}
             return finish(ls, ls["active"] & (t >= ls["tau"]))
 
-        zero_keys = plan["keys"][jnp.zeros((c,), jnp.int32)]
+        # Placeholders of the loaded lanes' shapes; every lane is loaded before the first step.
+        index = jnp.zeros_like(index_of(lanes, lanes))
         start = {
             "carry": jax.vmap(alg.start_carry)(global_c, global_s),
-            "orders": jnp.zeros((c, alg.local_epochs, index_of(lanes, lanes).shape[1]), jnp.int32),
-            "step_key": zero_keys,
-            "index": jnp.zeros_like(index_of(lanes, lanes)),
+            "orders": jnp.zeros((c, alg.local_epochs, index.shape[1]), jnp.int32),
+            "step_key": plan["keys"][jnp.zeros((c,), jnp.int32)],
+            "index": index,
             "count": jnp.zeros((c,), jnp.int32),
             "bits": jnp.full((c,), float(quant.FLOAT_BITS)),
             "tau": jnp.zeros((c,), jnp.int32),

@@ -306,7 +306,7 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset | None 
         config, protocol, model, preprocess, planner, client_sizes=[len(p) for p in parts]
     )
     # The lanes the engine chose (train.chunk_size = 0) or was given, rounded to the mesh later.
-    system["lanes"] = engine.chunk_size or engine.clients_per_round
+    system["lanes"] = engine.chunk
     return Experiment(
         config=config,
         protocol=protocol,

@@ -97,7 +97,6 @@ def arrange_lanes(counts: np.ndarray, owners: np.ndarray, columns, lanes: int, q
     """Slots ``[C, D]`` (position in the plan, -1 empty): each process's sampled clients queued on
     its own lanes (``columns[p]``) by ``queues_of(counts [S], lanes) -> [lanes, S]`` (the engine's
     longest-first scheduling, run on the process's clients with the others' counts zeroed)."""
-    s = len(counts)
     queues = []
     for p, cols in enumerate(columns):
         mine = np.where(owners == p, counts, 0)
@@ -107,7 +106,6 @@ def arrange_lanes(counts: np.ndarray, owners: np.ndarray, columns, lanes: int, q
     slots = np.full((lanes, depth), -1, np.int64)
     for cols, queue in queues:
         slots[cols] = queue[:, :depth]
-    assert (slots < s).all()
     return slots
 
 

@@ -25,7 +25,7 @@ from sflam_jax.algorithms.base import (
     baseline,
     finite_per_client,
 )
-from sflam_jax.data.batches import ClientRows, epoch_orders, local_steps
+from sflam_jax.data.batches import ClientRows, local_steps
 from sflam_jax.wireless.costs import sfl_v2_round_costs
 
 
@@ -43,15 +43,11 @@ class SharedServer(SplitTraining):
         Returns ``(params_c, params_s, opt_s, stats [3])``; the device's optimizer state starts
         fresh, the server's carries on.
         """
-        order_key, step_key = jax.random.split(key)
-        orders = epoch_orders(order_key, count, rows.labels.shape[0], self.local_epochs)
-        carry = (
-            params_c,
-            params_s,
-            self.optimizer.init(params_c),
-            opt_s,
-            jnp.zeros((3,), jnp.float32),
+        start, orders, step_key = self.client_start(
+            params_c, params_s, count, key, rows.labels.shape[0]
         )
+        # The shared server's optimizer state carries on from the previous client.
+        carry = (*start[:3], opt_s, start[4])
         carry = jax.lax.fori_loop(
             0,
             local_steps(count, self.batch_size, self.local_epochs),
