@@ -43,12 +43,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 0  # model input size in px; 0 = the data's own size
     c.data.mean = (0.5,)  # per-channel normalisation on the [0, 1] scale
     c.data.std = (0.5,)
+    c.data.test_samples = 0  # test metrics on the first N test images; 0 = all of them
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "mini"  # one of models.vit.PRESETS (ignored with model.pretrained)
-    # Hugging Face ViT checkpoint (hub id or local directory); "" = random init from the preset.
-    # Its architecture, image size and normalisation replace preset, patch_size and data.mean/std.
+    # Hugging Face ViT or DINOv2 checkpoint (hub id or local directory); "" = random init from
+    # the preset. Its architecture, image size and normalisation replace preset, patch_size and
+    # data.mean/std (docs/pretrained.md).
     c.model.pretrained = ""
+    # With model.pretrained: its architecture and normalisation, but random weights (the
+    # from-scratch baseline of a fine-tuning run).
+    c.model.random_init = False
     c.model.patch_size = 0  # 0 = the preset's
     c.model.cut_layer = 0  # blocks on the device; 0 = embedding only (the paper's code)
     c.model.layer_norm_eps = 1e-6

@@ -23,7 +23,7 @@ from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.planner import RoundPlanner
 from sflam_jax.allocation.problem import Weights
 from sflam_jax.data.batches import HostClients, make_client_data
-from sflam_jax.data.datasets import Dataset, load_dataset
+from sflam_jax.data.datasets import Dataset, first_test_samples, load_dataset
 from sflam_jax.data.partition import partition
 from sflam_jax.engine import Engine
 from sflam_jax.errors import ConfigError
@@ -83,6 +83,8 @@ def build_model(config, dataset: Dataset, key: jax.Array):
         checkpoint = pretrained.load(config.model.pretrained)
         image_size = config.data.image_size or checkpoint.config.image_size
         model_cfg, params = pretrained.adapt(checkpoint, image_size, dataset.num_classes)
+        if config.model.random_init:
+            params = vit.init_params(model_cfg, key)
         if config.model.cut_layer > model_cfg.depth:
             raise ConfigError(
                 f"model.cut_layer={config.model.cut_layer} is invalid: the checkpoint "
@@ -287,7 +289,10 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset | None 
     validate(config)
     protocol = registry.get(config.algorithm)
     dataset = dataset or load_dataset(config.data)
-    validate_data(config, dataset.image_shape, len(dataset.train_labels))
+    validate_data(
+        config, dataset.image_shape, len(dataset.train_labels), len(dataset.test_labels)
+    )
+    dataset = first_test_samples(dataset, config.data.test_samples)
     parts = partition(dataset.train_labels, config.data, config.seed)
     validate_partition(config, [len(p) for p in parts])
 

