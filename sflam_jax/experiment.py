@@ -289,9 +289,7 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset | None 
     validate(config)
     protocol = registry.get(config.algorithm)
     dataset = dataset or load_dataset(config.data)
-    validate_data(
-        config, dataset.image_shape, len(dataset.train_labels), len(dataset.test_labels)
-    )
+    validate_data(config, dataset.image_shape, len(dataset.train_labels), len(dataset.test_labels))
     dataset = first_test_samples(dataset, config.data.test_samples)
     parts = partition(dataset.train_labels, config.data, config.seed)
     validate_partition(config, [len(p) for p in parts])

@@ -106,6 +106,19 @@ def assert_learned(workdir, improved: bool = True) -> None:
         assert after < before, records[:2]
 
 
+def hidden_states(cfg, params: dict, images):
+    """The ViT's final-norm token sequence ``[B, N + 1, D]`` (Hugging Face's
+    ``last_hidden_state``): embedding, every block, the head's norm, without the classifier."""
+    import flax.linen as nn
+
+    from sflam_jax.models import vit
+
+    x = vit.Embedding(cfg).apply({"params": params["embedding"]}, images)
+    for name in vit.block_names(cfg.depth):
+        x = vit.Block(cfg).apply({"params": params[name]}, x)
+    return nn.LayerNorm(cfg.layer_norm_eps).apply({"params": params["head"]["norm"]}, x)
+
+
 def read_metrics(workdir) -> list[dict]:
     from sflam_jax.metrics import read_jsonl
 

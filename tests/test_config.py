@@ -52,6 +52,8 @@ BAD = [
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0"),
     ("train.schedule", "greedy", "train.schedule='greedy'"),
     ("train.min_useful_share", 1.5, "train.min_useful_share=1.5"),
+    ("data.test_samples", -5, "data.test_samples=-5"),
+    ("model.random_init", True, "model.random_init=True is invalid: needs model.pretrained"),
 ]
 
 

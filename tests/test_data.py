@@ -8,6 +8,7 @@ from conftest import synthetic_images, write_idx, write_idx_dir
 
 from sflam_jax.config import base_config
 from sflam_jax.data import batches, datasets, partition
+from sflam_jax.errors import ConfigError
 
 
 def test_idx_directory_through_the_tfds_builder(idx_dir, tfds_dir):
@@ -174,3 +175,18 @@ def test_preprocess_normalises_and_resizes():
     out = batches.preprocess(x, (0.5,), (0.25,), 8)
     assert out.shape == (2, 8, 8, 1)
     np.testing.assert_allclose(out, 2.0)
+
+
+def test_test_samples_keeps_the_first_test_images(tiny_config):
+    from sflam_jax import experiment
+    from sflam_jax.data.datasets import load_dataset
+
+    full = load_dataset(tiny_config.data)
+    tiny_config.data.test_samples = 30
+    exp = experiment.build_experiment(tiny_config)
+    np.testing.assert_array_equal(exp.dataset.test_images, full.test_images[:30])
+    np.testing.assert_array_equal(exp.dataset.test_labels, full.test_labels[:30])
+    np.testing.assert_array_equal(exp.dataset.train_labels, full.train_labels)
+    tiny_config.data.test_samples = len(full.test_labels) + 1
+    with pytest.raises(ConfigError, match=f"data.test_samples={len(full.test_labels) + 1} is"):
+        experiment.build_experiment(tiny_config)

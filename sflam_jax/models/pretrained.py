@@ -158,10 +158,8 @@ def architecture(directory: str) -> tuple[str, vit.ViTConfig]:
         raise PretrainedError(f"{directory}: qkv_bias=False is not supported")
     if getattr(hf, "use_swiglu_ffn", False):
         raise PretrainedError(f"{directory}: use_swiglu_ffn=True (SwiGLU MLP) is not supported")
-    if family == "dinov2":
-        mlp = int(hf.hidden_size * hf.mlp_ratio)
-    else:
-        mlp = int(hf.intermediate_size)
+    # DINOv2 configs give the MLP width as a ratio.
+    mlp = hf.hidden_size * hf.mlp_ratio if family == "dinov2" else hf.intermediate_size
     id2label = dict(getattr(hf, "id2label", {}) or {})
     cfg = vit.ViTConfig(
         image_size=int(hf.image_size),
@@ -171,7 +169,7 @@ def architecture(directory: str) -> tuple[str, vit.ViTConfig]:
         hidden_size=int(hf.hidden_size),
         depth=int(hf.num_hidden_layers),
         num_heads=int(hf.num_attention_heads),
-        mlp_dim=mlp,
+        mlp_dim=int(mlp),
         layer_norm_eps=float(hf.layer_norm_eps),
         layer_scale=FAMILIES[family].layer_scale,
     )
