@@ -1,12 +1,13 @@
 """Centralised fine-tuning probe: which optimizer settings a config's model tolerates.
 
     python scripts/lr_probe.py --config configs/fmnist_dinov2_s14.py \
-        --settings sgd:0.01,sgd:0.003,adam:1e-4,adam:3e-5 [--steps 200] [--out probe.json]
+        --settings sgd:0.01,sgd:0.003,adam:1e-4,adam:3e-5 [--head-lr-scale 1,30] [--steps 200] \
+        [--out probe.json]
 
 For each ``optimizer:learning_rate`` the whole (unsplit, float) model of the config, from its
 initial parameters (the pretrained checkpoint when the config has one), takes ``--steps`` steps
 on IID batches of ``train.batch_size`` training images drawn with a fixed seed, with the config's
-momentum and weight decay; then the test accuracy on ``--test`` test images. No federation, no
+momentum and weight decay, for each ``--head-lr-scale`` (``optimizer.head_lr_scale``); then the test accuracy on ``--test`` test images. No federation, no
 quantization: a quick check of the learning rate before a federated run (a setting that fails
 here fails there too). Prints one line per setting and optionally writes JSON.
 """
@@ -26,7 +27,7 @@ import optax
 from split_costs import load_config
 
 
-def probe(config, name: str, learning_rate: float, steps: int, test: int) -> dict:
+def probe(config, name: str, learning_rate: float, steps: int, test: int, head: float) -> dict:
     from sflam_jax import experiment
     from sflam_jax.algorithms.base import make_optimizer
     from sflam_jax.data.datasets import load_dataset
@@ -37,6 +38,7 @@ def probe(config, name: str, learning_rate: float, steps: int, test: int) -> dic
     net = vit.ViT(model_cfg)
     opt_cfg = config.optimizer.copy_and_resolve_references()
     opt_cfg.name = name
+    opt_cfg.head_lr_scale = head
     tx = make_optimizer(opt_cfg, learning_rate)
 
     def loss_fn(p, x, y):
@@ -67,6 +69,7 @@ def probe(config, name: str, learning_rate: float, steps: int, test: int) -> dic
     return {
         "optimizer": name,
         "learning_rate": learning_rate,
+        "head_lr_scale": head,
         "steps": steps,
         "last_10_train_loss": float(np.mean(losses[-10:])),
         "test_accuracy": hits / test,
@@ -80,15 +83,17 @@ def main() -> None:
     parser.add_argument("--settings", required=True, help="optimizer:lr,... (sgd:0.01,adam:3e-5)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--test", type=int, default=1000, help="test images to score")
+    parser.add_argument("--head-lr-scale", default="1", help="optimizer.head_lr_scale values")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     config = load_config(args.config)
     rows = []
-    for setting in args.settings.split(","):
-        name, lr = setting.split(":")
-        row = probe(config, name, float(lr), args.steps, args.test)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    for head in args.head_lr_scale.split(","):
+        for setting in args.settings.split(","):
+            name, lr = setting.split(":")
+            row = probe(config, name, float(lr), args.steps, args.test, float(head))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     if args.out:
         record = {
             "config": os.path.basename(args.config),

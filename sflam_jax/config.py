@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 0.05
     c.optimizer.momentum = 0.9
     c.optimizer.weight_decay = 0.0
+    # The classifier's learning rate as a multiple of learning_rate (fine-tuning a new head on a
+    # pretrained body); 1 = one optimizer for every parameter.
+    c.optimizer.head_lr_scale = 1.0
 
     # SPEC section 3, SI units; the defaults and their meaning: wireless.channel.SystemParams.
     c.wireless = ml_collections.ConfigDict(dataclasses.asdict(SystemParams()))

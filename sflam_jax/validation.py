@@ -144,6 +144,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _choice(cfg, "distributed.cpu_collectives", ("gloo", "mpi"))
     _choice(cfg, "optimizer.name", OPTIMIZERS)
     _positive(cfg, "optimizer.learning_rate")
+    _positive(cfg, "optimizer.head_lr_scale")
     if not 0 <= cfg.optimizer.momentum < 1:
         _fail("optimizer.momentum", cfg.optimizer.momentum, "must be in [0, 1)")
     if cfg.optimizer.weight_decay < 0:

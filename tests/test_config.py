@@ -53,6 +53,7 @@ BAD = [
     ("train.schedule", "greedy", "train.schedule='greedy'"),
     ("train.min_useful_share", 1.5, "train.min_useful_share=1.5"),
     ("data.test_samples", -5, "data.test_samples=-5"),
+    ("optimizer.head_lr_scale", 0.0, "optimizer.head_lr_scale=0.0"),
     ("model.random_init", True, "model.random_init=True is invalid: needs model.pretrained"),
 ]
 
@@ -244,3 +245,47 @@ def test_paper_config_builds_vit_b32_at_224px():
     params_c, _ = split_lib.split_params(shapes, cfg.model.cut_layer, model_cfg.depth)
     assert list(params_c) == ["embedding"]
     assert split_lib.split(model_cfg, 0).smashed_shape == (50, 768)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_head_lr_scale_steps_only_the_classifier_faster(name):
+    """Two steps on a server segment: with head_lr_scale = 10 the body moves exactly as with 1 and
+    the classifier as it would at ten times the learning rate (SGD: ten times as far)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from sflam_jax.algorithms.base import make_optimizer
+
+    params = {
+        "block_1": {"mlp_in": {"kernel": jnp.ones((3, 2))}},
+        "head": {"classifier": {"kernel": jnp.ones((2, 4))}, "norm": {"scale": jnp.ones(2)}},
+    }
+    grads = jax.tree.map(lambda x: jnp.linspace(-1.0, 2.0, x.size).reshape(x.shape), params)
+
+    def after_two_steps(opt_cfg):
+        tx = make_optimizer(opt_cfg)
+        p, state = params, tx.init(params)
+        for _ in range(2):
+            updates, state = tx.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    cfg = config_lib.base_config().optimizer
+    cfg.name = name
+    base = after_two_steps(cfg)
+    cfg.head_lr_scale = 10.0
+    scaled = after_two_steps(cfg)
+    cfg.head_lr_scale, cfg.learning_rate = 1.0, cfg.learning_rate * 10
+    fast = after_two_steps(cfg)
+    np.testing.assert_array_equal(
+        scaled["block_1"]["mlp_in"]["kernel"], base["block_1"]["mlp_in"]["kernel"]
+    )
+    np.testing.assert_array_equal(scaled["head"]["norm"]["scale"], base["head"]["norm"]["scale"])
+    np.testing.assert_allclose(
+        scaled["head"]["classifier"]["kernel"], fast["head"]["classifier"]["kernel"], rtol=1e-6
+    )
+    assert not np.allclose(
+        scaled["head"]["classifier"]["kernel"], base["head"]["classifier"]["kernel"]
+    )

@@ -40,8 +40,13 @@ def _save(directory, image_size, channels, patch, hidden, depth, heads, mlp, lab
         **({"num_labels": labels} if labels else {}),
     )
     cls = transformers.ViTForImageClassification if labels else transformers.ViTModel
-    model = cls(config).eval()
-    with torch.no_grad():  # non-trivial values everywhere (the init leaves zeros and ones)
+    return _perturbed(cls(config).eval(), directory)
+
+
+def _perturbed(model, directory):
+    """``model`` with noise added to every parameter (the init leaves zeros and ones, and layer
+    scales at one value), saved with save_pretrained."""
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(directory)
@@ -70,12 +75,7 @@ def _save_dinov2(directory, image_size, channels, patch, hidden, depth, heads, r
         **({"num_labels": labels} if labels else {}),
     )
     cls = transformers.Dinov2ForImageClassification if labels else transformers.Dinov2Model
-    model = cls(config).eval()
-    with torch.no_grad():  # non-trivial values everywhere, layer scales included
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(directory)
-    return model
+    return _perturbed(cls(config).eval(), directory)
 
 
 @pytest.mark.parametrize("arch", SMALL, ids=["p4-d2-h4", "p7-d3-h2-grey"])

@@ -136,9 +136,30 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
     """The local optimizer of devices and server copies from ``config.optimizer``;
-    ``learning_rate`` (a float or a traced scalar, for vectorized sweeps) replaces the config's."""
-    name = opt_cfg.name
+    ``learning_rate`` (a float or a traced scalar, for vectorized sweeps) replaces the config's.
+
+    With ``head_lr_scale != 1`` the classifier (``head/classifier``, on the server segment) steps
+    at that multiple of the learning rate: a new head on a pretrained body learns at the pace
+    the body is fine-tuned without, the usual fine-tuning recipe.
+    """
     lr = opt_cfg.learning_rate if learning_rate is None else learning_rate
+    scale = opt_cfg.get("head_lr_scale", 1.0)
+    if scale == 1.0:
+        return _optimizer(opt_cfg, lr)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "head" if "classifier" in jax.tree_util.keystr(path) else "body",
+            params,
+        )
+
+    return optax.multi_transform(
+        {"body": _optimizer(opt_cfg, lr), "head": _optimizer(opt_cfg, lr * scale)}, labels
+    )
+
+
+def _optimizer(opt_cfg, lr) -> optax.GradientTransformation:
+    name = opt_cfg.name
     if name == "sgd":
         tx = optax.sgd(lr, momentum=opt_cfg.momentum or None)
     elif name == "adam":
