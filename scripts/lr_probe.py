@@ -7,9 +7,10 @@
 For each ``optimizer:learning_rate`` the whole (unsplit, float) model of the config, from its
 initial parameters (the pretrained checkpoint when the config has one), takes ``--steps`` steps
 on IID batches of ``train.batch_size`` training images drawn with a fixed seed, with the config's
-momentum and weight decay, for each ``--head-lr-scale`` (``optimizer.head_lr_scale``); then the test accuracy on ``--test`` test images. No federation, no
-quantization: a quick check of the learning rate before a federated run (a setting that fails
-here fails there too). Prints one line per setting and optionally writes JSON.
+momentum and weight decay, for each ``--head-lr-scale`` (``optimizer.head_lr_scale``); then
+the test accuracy on ``--test`` test images. No federation, no quantization: a quick check of
+the learning rate before a federated run (a setting that fails here is unlikely to do well
+there). Prints one line per setting and optionally writes JSON.
 """
 
 from __future__ import annotations

@@ -354,3 +354,29 @@ def test_dinov2_tree_gets_the_vits_sharding_specs(tmp_path):
     assert block["mlp_in"]["kernel"] == P(None, "model")
     assert block["attention"]["query"]["kernel"] == P(None, "model")
     assert block["attention"]["out"]["kernel"] == P("model", None)
+
+
+def test_dinov2_vectorized_sweep_point_equals_its_single_run(tiny_config, tmp_path):
+    """A sweep over two learning rates from a DINOv2 checkpoint (one compiled program, float
+    cut-layer traffic) writes for each point the first round a single run of it writes."""
+    from conftest import read_metrics
+
+    from sflam_jax import sweep
+
+    _save_dinov2(tmp_path / "ckpt", *DINO[1])
+    cfg = tiny_config
+    cfg.model.pretrained, cfg.num_rounds, cfg.quant.up_bits = str(tmp_path / "ckpt"), 1, 32
+    grid = {"optimizer.learning_rate": [0.02, 0.1]}
+    index = sweep.run_sweep(cfg, grid, str(tmp_path / "sweep"), progress=False)
+    assert [e["group"] for e in index] == [0, 0]
+    single = cfg.copy_and_resolve_references()
+    single.optimizer.learning_rate = 0.1
+    train.train_and_evaluate(single, str(tmp_path / "single"))
+    want = read_metrics(tmp_path / "single")
+    got = read_metrics(tmp_path / "sweep" / "optimizer.learning_rate=0.1")
+    assert [r["round"] for r in got] == [0, 1]
+    for a, b in zip(want, got, strict=True):
+        for key, value in a.items():
+            np.testing.assert_allclose(b[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    other = read_metrics(tmp_path / "sweep" / "optimizer.learning_rate=0.02")[-1]
+    assert other["train_loss"] != got[-1]["train_loss"]
