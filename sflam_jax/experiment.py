@@ -76,7 +76,8 @@ def preset_config(config, image_shape, num_classes: int) -> vit.ViTConfig:
 def build_model(config, dataset: Dataset, key: jax.Array):
     """The ViT for this data, its split with the protocol's matmuls (AQT where the protocol and
     ``config.aqt`` ask for it), its initial parameters (random, or ``model.pretrained`` adapted to
-    the data) and the input preprocessing."""
+    the data, or with ``model.random_init`` that architecture drawn from ``key``) and the input
+    preprocessing."""
     image_size = config.data.image_size or dataset.image_shape[0]
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     if config.model.pretrained:

@@ -139,8 +139,8 @@ def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
     ``learning_rate`` (a float or a traced scalar, for vectorized sweeps) replaces the config's.
 
     With ``head_lr_scale != 1`` the classifier (``head/classifier``, on the server segment) steps
-    at that multiple of the learning rate: a new head on a pretrained body learns at the pace
-    the body is fine-tuned without, the usual fine-tuning recipe.
+    at that multiple of the learning rate, so a new head on a pretrained body can learn faster
+    than the body is fine-tuned (the usual fine-tuning recipe).
     """
     lr = opt_cfg.learning_rate if learning_rate is None else learning_rate
     scale = opt_cfg.get("head_lr_scale", 1.0)

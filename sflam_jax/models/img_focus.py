@@ -164,8 +164,8 @@ def backbone_tensors(model) -> dict[str, np.ndarray]:
     position embedding joined), checked against ``expected_shapes``; the decoder is dropped.
 
     Raises:
-      ConversionError: a tensor is missing, has the wrong shape, or one MatMul weight feeds no
-        node whose name says which layer it is.
+      ConversionError: a tensor is missing (a dense weight is found only through the name of the
+        one MatMul node it feeds), has the wrong shape, or has no place in the backbone.
     """
     from onnx import numpy_helper
 
