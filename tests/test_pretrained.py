@@ -24,16 +24,23 @@ SMALL = [
 ]
 
 
-def _save(directory, image_size, channels, patch, hidden, depth, heads, mlp, labels=0, seed=0):
-    """A random transformers ViT saved with save_pretrained (ViTModel, or a classifier)."""
-    torch.manual_seed(seed)
-    config = transformers.ViTConfig(
+def _shape(image_size, channels, patch, hidden, depth, heads) -> dict:
+    """The transformers config fields ViT and DINOv2 share."""
+    return dict(
         image_size=image_size,
         num_channels=channels,
         patch_size=patch,
         hidden_size=hidden,
         num_hidden_layers=depth,
         num_attention_heads=heads,
+    )
+
+
+def _save(directory, image_size, channels, patch, hidden, depth, heads, mlp, labels=0, seed=0):
+    """A random transformers ViT saved with save_pretrained (ViTModel, or a classifier)."""
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(
+        **_shape(image_size, channels, patch, hidden, depth, heads),
         intermediate_size=mlp,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
@@ -64,12 +71,7 @@ def _save_dinov2(directory, image_size, channels, patch, hidden, depth, heads, r
     """A random transformers DINOv2 saved with save_pretrained (Dinov2Model, or a classifier)."""
     torch.manual_seed(1)
     config = transformers.Dinov2Config(
-        image_size=image_size,
-        num_channels=channels,
-        patch_size=patch,
-        hidden_size=hidden,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
+        **_shape(image_size, channels, patch, hidden, depth, heads),
         mlp_ratio=ratio,
         layerscale_value=0.3,
         **({"num_labels": labels} if labels else {}),
