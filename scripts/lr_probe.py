@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import time
 
 import benchlib
@@ -25,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from split_costs import load_config
 
 
 def probe(config, name: str, learning_rate: float, steps: int, test: int, head: float) -> dict:
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--head-lr-scale", default="1", help="optimizer.head_lr_scale values")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = runpy.run_path(args.config)["get_config"]()
     rows = []
     for head in args.head_lr_scale.split(","):
         for setting in args.settings.split(","):

@@ -17,21 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import sys
 
 import benchlib
 import jax
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-
-
-def load_config(path: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def costs(config) -> list[dict]:
@@ -101,7 +93,7 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="an experiment config file")
     parser.add_argument("--out", default="", help="JSON file to write (and .md beside it)")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = runpy.run_path(args.config)["get_config"]()
     rows = costs(config)
     text = table(rows, config)
     print(text)

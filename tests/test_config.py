@@ -225,7 +225,7 @@ def _load(name):
     return module.get_config()
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "cifar10_vit_b32"])
+@pytest.mark.parametrize("name", ["default", "tiny", "cifar10_vit_b32", "fmnist_dinov2_s14"])
 def test_shipped_configs_are_valid(name):
     validation.validate(_load(name))
 

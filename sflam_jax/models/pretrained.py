@@ -338,7 +338,7 @@ def load(name_or_dir: str) -> Pretrained:
     directory = resolve(name_or_dir)
     family, cfg = architecture(directory)
     fam = FAMILIES[family]
-    tensors = {k.removeprefix(fam.prefix): v for k, v in read_tensors(directory).items()}
+    tensors = read_tensors(directory)  # to_params drops the family's prefix
     flax_file = not os.path.exists(os.path.join(directory, "model.safetensors")) and os.path.exists(
         os.path.join(directory, "flax_model.msgpack")
     )
