@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from sflam_jax import quant
 from sflam_jax.algorithms.base import (
+    GROUP_SLOTS,
     HEALTH,
     RoundState,
     average_or_keep,
@@ -108,7 +109,8 @@ class Engine:
 
         Returns:
           ``({"clients", "counts", "up_bits", "keys"} each [S], system metrics)``; with a
-          planner the bits come from its allocation for the sampled clients.
+          planner the bits come from its allocation for the sampled clients, and a grouped
+          protocol's planner adds ``"slots"`` (``algorithms.gsfl.group_slots``).
         """
         sample_key, train_key = jax.random.split(key)
         s = self.clients_per_round
@@ -126,6 +128,9 @@ class Engine:
             "up_bits": bits.astype(jnp.float32),
             "keys": jax.vmap(lambda c: jax.random.fold_in(train_key, c))(clients),
         }
+        if GROUP_SLOTS in system:
+            # The planner's grouping of the clients (GSFL), which its costs were computed for.
+            plan["slots"] = system.pop(GROUP_SLOTS)
         return plan, system
 
     def in_chunks(self, plan: dict, slots: jax.Array) -> dict:
@@ -405,10 +410,9 @@ class Engine:
         """
         plan, system = self.round_plan(data.counts, key, up_bits)
         if not self.algorithm.parallel:
-            params_c, params_s, stats, health = self.algorithm.train_sequence(
+            params_c, params_s, stats, health, computed = self.algorithm.train_sequence(
                 state, plan, lambda ids: gather_rows(data, ids)
             )
-            computed = jnp.sum(self.local_steps(plan["counts"]))
             return self.finish_round(
                 state, system, params_c, params_s, stats, plan, health, computed
             )

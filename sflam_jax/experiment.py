@@ -147,7 +147,7 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         workload=workload,
         params=system_params(config),
         weights=allocation_weights(config),
-        cost_model=protocol.cost_model,
+        cost_model=protocol.bind(protocol.cost_model, config),
         cost_split=protocol.cost_split,
         comparisons=tuple((p.name, p.cost_model) for p in registry.baselines()),
         fixed_bits=None if free_bits else protocol.cut_bits(config.quant)[0],
@@ -225,7 +225,7 @@ def build_engine(
 ) -> Engine:
     """The round engine of ``protocol`` with the config's training fields; ``client_sizes`` (the
     partition's) choose the lane count when ``train.chunk_size = 0`` under the lanes schedule."""
-    algorithm = protocol.make(
+    algorithm = protocol.bind(protocol.make, config)(
         model=model,
         optimizer=make_optimizer(config.optimizer),
         preprocess=preprocess,

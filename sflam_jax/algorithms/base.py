@@ -4,6 +4,8 @@ step, FedAvg, the loss, evaluation."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +71,8 @@ class Protocol:
       baseline: its latency and energy are reported next to every run's own (SPEC section 3).
       config_block: ``() -> ConfigDict`` of its own fields, set at ``config.<name>``; None: none.
       validate: ``(config) -> None`` raising ``ConfigError`` for a bad field of its block.
+      options: ``(config) -> dict`` of keyword arguments from its block; ``make`` and
+        ``cost_model`` each receive the ones their signatures name (``bind``).
     """
 
     name: str
@@ -84,6 +88,16 @@ class Protocol:
     baseline: bool
     config_block: Callable[[], Any] | None = None
     validate: Callable[[Any], None] | None = None
+    options: Callable[[Any], dict] | None = None
+
+    def bind(self, fn: Callable, config) -> Callable:
+        """``fn`` (``make`` or ``cost_model``) with the protocol's options for ``config`` that
+        its signature names."""
+        if self.options is None:
+            return fn
+        names = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in self.options(config).items() if k in names}
+        return functools.partial(fn, **kwargs) if kwargs else fn
 
     def cut_bits(self, quant_cfg) -> tuple[int, int]:
         """Uplink and downlink cut-layer bits: the config's, or float (32) both ways."""
@@ -274,6 +288,9 @@ def masked_cross_entropy(
 
 # Metrics key of the per-client finite flags a round returns for the trainer's guard.
 HEALTH = "health"
+# Planner metrics key of a grouped protocol's ``[P, M]`` client slots (``algorithms.gsfl``); the
+# engine moves it into the round's training plan.
+GROUP_SLOTS = "group_slots"
 _HEALTH_PARTS = ("loss", "client segment", "server copy")
 
 

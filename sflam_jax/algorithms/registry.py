@@ -6,12 +6,20 @@ Adding a protocol is one module under ``sflam_jax/algorithms/`` that defines its
 
 from __future__ import annotations
 
-from sflam_jax.algorithms import fl, sfl, sfl_v2, sflam, sl
+from sflam_jax.algorithms import fl, gsfl, sfl, sfl_v2, sflam, sl
 from sflam_jax.algorithms.base import Protocol
 from sflam_jax.errors import ConfigError
 
 PROTOCOLS: dict[str, Protocol] = {
-    p.name: p for p in (sflam.PROTOCOL, sfl.PROTOCOL, sfl_v2.PROTOCOL, sl.PROTOCOL, fl.PROTOCOL)
+    p.name: p
+    for p in (
+        sflam.PROTOCOL,
+        sfl.PROTOCOL,
+        sfl_v2.PROTOCOL,
+        sl.PROTOCOL,
+        fl.PROTOCOL,
+        gsfl.PROTOCOL,
+    )
 }
 
 

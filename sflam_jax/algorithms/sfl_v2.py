@@ -66,8 +66,9 @@ class SharedServer(SplitTraining):
           rows_of: ``[n]`` client ids -> their ``ClientRows [n, L, ...]``.
 
         Returns:
-          ``(params_c, params_s, stats [3], health [3, S])``: the new global segments, the
-          summed loss, correct predictions and samples, and the finite flags of every client.
+          ``(params_c, params_s, stats [3], health [3, S], computed)``: the new global segments,
+          the summed loss, correct predictions and samples, the finite flags of every client and
+          the client steps run (``sum_k tau_k``).
         """
 
         def client_body(carry, client):
@@ -107,7 +108,8 @@ class SharedServer(SplitTraining):
         # SL hands on the last device's segment; SFL-V2 averages the devices' segments.
         averaged = average_or_keep(sum_c, weight, state.params_c)
         params_c = last_c if self.relay_client else averaged
-        return params_c, params_s, stats, health.T
+        computed = jnp.sum(local_steps(plan["counts"], self.batch_size, self.local_epochs))
+        return params_c, params_s, stats, health.T, computed
 
 
 PROTOCOL = baseline(

@@ -27,7 +27,8 @@ class RoundPlanner:
       params: wireless and compute constants.
       weights: objective weights, bit range and learning budget.
       cost_model: the protocol's round costs at the allocation (``wireless.costs``, common
-        signature); they give ``round_latency_s`` and ``round_energy_j`` (so the simulated clock).
+        signature); they give ``round_latency_s`` and ``round_energy_j`` (so the simulated clock),
+        and their ``extra`` dict joins the metrics as it is.
       cost_split: report the slowest device's compute / communication split and the energy split.
       comparisons: ``((name, cost_model), ...)`` reported as ``<name>_round_latency_s`` and
         ``<name>_round_energy_j`` at full power, equal bandwidth and float traffic (SPEC 3).
@@ -104,6 +105,8 @@ class RoundPlanner:
                 round_compute_energy_j=jnp.sum(costs["compute_energy_j"]),
                 round_comm_energy_j=jnp.sum(costs["comm_energy_j"]),
             )
+        # A cost model's own metrics (GSFL: its groups, their latencies, the hand-over traffic).
+        metrics.update(costs.get("extra", {}))
         metrics.update(self.comparison_costs(devices, steps))
         return allocation.bits, metrics
 

@@ -166,6 +166,45 @@ def _totals(compute_s, comm_s, compute_energy, comm_energy, serial=False):
     }
 
 
+def grouped_totals(per_device: dict, slots: jax.Array, workload: Workload) -> dict:
+    """Round totals when the devices train in groups, one after another inside a group and the
+    groups side by side (GSFL, SPEC section 6.1): a group takes the sum of its devices'
+    latencies, the round the slowest group's.
+
+    Args:
+      per_device: ``sflam_round_costs`` of the S devices at the groups' resources.
+      slots: ``[P, M]`` each group's devices (positions in ``per_device``; -1: none).
+      workload: the split model's sizes (the hand-over moves ``32 |w_c|`` bits each way).
+
+    Returns:
+      The per-device arrays of ``per_device``, ``round_latency_s``, ``round_energy_j`` and
+      ``extra``: ``group_latency_s`` ``[M]``, the slowest group's ``round_compute_s`` and
+      ``round_comm_s``, the round's ``round_compute_energy_j`` and ``round_comm_energy_j``, and
+      ``handover_bits`` (client segments passed between consecutive devices of a group, up and
+      down).
+    """
+    member = slots >= 0
+    at = jnp.maximum(slots, 0)
+
+    def per_group(x):
+        return jnp.sum(jnp.where(member, x[at], 0.0), axis=0)
+
+    group_latency = per_group(per_device["latency_s"])
+    slowest = jnp.argmax(group_latency)
+    handovers = jnp.sum(jnp.maximum(jnp.sum(member, axis=0) - 1, 0))
+    out = dict(per_device)
+    out["round_latency_s"] = jnp.max(group_latency)
+    out["extra"] = {
+        "group_latency_s": group_latency,
+        "round_compute_s": per_group(per_device["compute_s"])[slowest],
+        "round_comm_s": per_group(per_device["comm_s"])[slowest],
+        "round_compute_energy_j": jnp.sum(per_device["compute_energy_j"]),
+        "round_comm_energy_j": jnp.sum(per_device["comm_energy_j"]),
+        "handover_bits": 2.0 * float(FLOAT_BITS) * workload.client_params * handovers,
+    }
+    return out
+
+
 def fl_round_costs(
     devices: Devices,
     steps: jax.Array,
