@@ -91,6 +91,38 @@ def _oracle_step(model, pc, ps, mom_c, mom_s, x, y, key, up_bits, down_bits):
     return pc, ps, mom_c, mom_s, loss
 
 
+def _oracle_client(model, pc, ps, mom_s, images, labels, part, key, width, up_bits, down_bits, pre):
+    """One client's local training (``E`` epochs of its unpadded batches) from ``(pc, ps)`` with
+    a fresh device momentum and the server momentum ``mom_s``; ``key`` is the client's round key.
+    Returns ``(pc, ps, mom_s, summed loss)``."""
+    n = len(part)
+    order_key, step_key = jax.random.split(key)
+    orders = np.asarray(epoch_orders(order_key, jnp.int32(n), width, E))
+    mom_c = jax.tree.map(jnp.zeros_like, pc)
+    step, total = 0, 0.0
+    for e in range(E):
+        perm = orders[e][:n]
+        assert sorted(perm.tolist()) == list(range(n))
+        for t in range(-(-n // B)):
+            rows = part[perm[t * B : (t + 1) * B]]
+            x, y = pre(jnp.asarray(images[rows])), jnp.asarray(labels[rows])
+            step_key_t = jax.random.fold_in(step_key, step)
+            pc, ps, mom_c, mom_s, loss = _oracle_step(
+                model, pc, ps, mom_c, mom_s, x, y, step_key_t, up_bits, down_bits
+            )
+            total += float(loss) * len(rows)
+            step += 1
+    return pc, ps, mom_s, total
+
+
+def _fedavg(sizes, trees):
+    """``sum_k (n_k / sum_j n_j) tree_k`` in float64."""
+    rho = np.asarray(sizes, np.float64) / np.sum(sizes)
+    return jax.tree.map(
+        lambda *xs: sum(r * np.asarray(x, np.float64) for r, x in zip(rho, xs, strict=True)), *trees
+    )
+
+
 def _oracle_round(
     model,
     state,
@@ -111,42 +143,37 @@ def _oracle_round(
     sample_key, train_key = jax.random.split(key)
     clients = np.asarray(sample_clients(sample_key, len(parts), per_round))
     width = -(-max(len(p) for p in parts) // B) * B
-    finals, sizes, losses = [], [], []
+    finals, sizes, loss = [], [], 0.0
     last_c, shared_s = state.params_c, state.params_s
     shared_mom_s = jax.tree.map(jnp.zeros_like, state.params_s)
     for i, k in enumerate(clients):
-        n = len(parts[k])
-        order_key, step_key = jax.random.split(jax.random.fold_in(train_key, int(k)))
-        orders = np.asarray(epoch_orders(order_key, jnp.int32(n), width, E))
         pc = last_c if relay_client else state.params_c
         ps = shared_s if shared_server else state.params_s
-        mom_c = jax.tree.map(jnp.zeros_like, pc)
         mom_s = shared_mom_s if shared_server else jax.tree.map(jnp.zeros_like, ps)
-        step = 0
-        for e in range(E):
-            perm = orders[e][:n]
-            assert sorted(perm.tolist()) == list(range(n))
-            for t in range(-(-n // B)):
-                rows = parts[k][perm[t * B : (t + 1) * B]]
-                x, y = pre(jnp.asarray(images[rows])), jnp.asarray(labels[rows])
-                step_key_t = jax.random.fold_in(step_key, step)
-                pc, ps, mom_c, mom_s, loss = _oracle_step(
-                    model, pc, ps, mom_c, mom_s, x, y, step_key_t, up_bits[i], down_bits
-                )
-                losses.append(float(loss) * len(rows))
-                step += 1
+        client_key = jax.random.fold_in(train_key, int(k))
+        pc, ps, mom_s, total = _oracle_client(
+            model,
+            pc,
+            ps,
+            mom_s,
+            images,
+            labels,
+            parts[k],
+            client_key,
+            width,
+            up_bits[i],
+            down_bits,
+            pre,
+        )
+        loss += total
         finals.append((pc, ps))
-        sizes.append(n)
+        sizes.append(len(parts[k]))
         last_c, shared_s, shared_mom_s = pc, ps, mom_s
-    rho = np.asarray(sizes, np.float64) / np.sum(sizes)
-    avg = lambda trees: jax.tree.map(  # noqa: E731
-        lambda *xs: sum(r * np.asarray(x, np.float64) for r, x in zip(rho, xs, strict=True)), *trees
-    )
     return (
         clients,
-        last_c if relay_client else avg([f[0] for f in finals]),
-        shared_s if shared_server else avg([f[1] for f in finals]),
-        sum(losses) / (E * sum(sizes)),
+        last_c if relay_client else _fedavg(sizes, [f[0] for f in finals]),
+        shared_s if shared_server else _fedavg(sizes, [f[1] for f in finals]),
+        loss / (E * sum(sizes)),
     )
 
 
