@@ -124,6 +124,12 @@ def main():
     parser.add_argument(
         "--max-devices", type=int, default=10000, help="largest S of the system-model sweep"
     )
+    parser.add_argument(
+        "--part",
+        choices=("all", "sflam", "gsfl"),
+        default="all",
+        help="sflam: the paper's figure set; gsfl: the GSFL figures (docs/gsfl.md)",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (30 if args.scale == "cpu" else 100)
     base = scale_config(args.scale, rounds)
@@ -137,6 +143,14 @@ def main():
         f", B={base.train.batch_size}, {rounds} rounds, seed {base.seed}"
     )
 
+    if args.part in ("all", "sflam"):
+        sflam_figures(base, out, args, note, t0)
+    if args.part in ("all", "gsfl"):
+        gsfl_figures(base, out, args.draws, note)
+
+
+def sflam_figures(base, out: str, args, note: str, t0: float) -> None:
+    """The paper's figure set (``FIGURES``) and ``results.md``."""
     # -- training runs ------------------------------------------------------------------------
     runs = training_runs(base)
     for i, (name, config) in enumerate(runs.items()):
@@ -336,6 +350,183 @@ def main():
     )
 
     write_results(out, note, runs, time.perf_counter() - t0)
+
+
+# -- GSFL (docs/gsfl.md) ---------------------------------------------------------------------
+
+GSFL_GROUPS = (1, 2, 5, 10)
+GSFL_TARGET = 0.8  # test accuracy whose simulated time and round are reported
+
+
+def gsfl_config(base, groups: int, grouping: str = "random"):
+    c = base.copy_and_resolve_references()
+    c.algorithm, c.gsfl.groups, c.gsfl.grouping = "gsfl", groups, grouping
+    return c
+
+
+def partition_sizes(config, devices: int, seed: int = 0) -> np.ndarray:
+    """``devices`` client sizes drawn (without replacement) from the config's own partition."""
+    from sflam_jax.data.datasets import load_dataset
+    from sflam_jax.data.partition import partition
+
+    labels = load_dataset(config.data).train_labels
+    sizes = np.asarray([len(p) for p in partition(labels, config.data, config.seed)])
+    return np.random.default_rng(seed).choice(sizes, devices, replace=False)
+
+
+def sampled_costs(config, counts: np.ndarray, draws: int, seed: int = 0) -> dict:
+    """``planner_costs`` for clients of the given sizes (non-IID, unequal)."""
+    planner = experiment.planner_for(config, (28, 28, 1), 10)
+    steps = local_steps(counts, config.train.batch_size, config.train.local_epochs)
+    return sweep(planner, jax.random.key(seed), draws, steps, counts)
+
+
+def first_reaching(run: dict, target: float) -> dict:
+    """Round and simulated time of the first evaluation at or above ``target`` (None: never)."""
+    for r, t, a in zip(run["round"], run["sim_time_s"], run["test_accuracy"], strict=True):
+        if a >= target:
+            return {"round": r, "sim_time_s": t}
+    return {"round": None, "sim_time_s": None}
+
+
+def gsfl_figures(base, out: str, draws: int, note: str) -> None:
+    """GSFL's round latency against M and S (system model on the partition's client sizes),
+    its training runs for M in ``GSFL_GROUPS`` (accuracy against rounds and simulated time) and
+    the time to ``GSFL_TARGET``; writes ``gsfl_*.png/csv`` and ``gsfl_summary.json``."""
+    from sflam_jax.algorithms.gsfl import GROUPINGS
+
+    def stem(name):
+        return os.path.join(out, name)
+
+    s = base.train.clients_per_round
+    groups = [m for m in GSFL_GROUPS if m <= s]
+    counts = partition_sizes(base, s)
+    reference = sampled_costs(base, counts, draws)
+    latency = {
+        f"GSFL ({grouping})": (
+            groups,
+            [
+                float(
+                    sampled_costs(gsfl_config(base, m, grouping), counts, draws)[
+                        "round_latency_s"
+                    ].mean()
+                )
+                for m in groups
+            ],
+        )
+        for grouping in GROUPINGS
+    }
+    latency["SL (float cut)"] = (
+        groups,
+        [float(reference["sl_round_latency_s"].mean())] * len(groups),
+    )
+    latency[f"SFLAM ({base.quant.up_bits}-bit, equal)"] = (
+        groups,
+        [float(reference["round_latency_s"].mean())] * len(groups),
+    )
+    line_figure(
+        latency,
+        "groups M",
+        "round latency (s)",
+        stem("gsfl_latency_vs_groups"),
+        f"GSFL: round latency against groups (S = {s})",
+        log_x=True,
+        log_y=True,
+        note=note,
+    )
+    population = [n for n in (10, 20, 30, 50) if n <= base.data.num_clients]
+    by_devices = {}
+    for m in (2, 5):
+        for grouping in GROUPINGS:
+            by_devices[f"GSFL M={m} ({grouping})"] = (
+                population,
+                [
+                    float(
+                        sampled_costs(
+                            gsfl_config(_with_devices(base, n), m, grouping),
+                            partition_sizes(base, n),
+                            draws,
+                        )["round_latency_s"].mean()
+                    )
+                    for n in population
+                ],
+            )
+    rows = [
+        sampled_costs(_with_devices(base, n), partition_sizes(base, n), draws) for n in population
+    ]
+    by_devices["SL (float cut)"] = (
+        population,
+        [float(r["sl_round_latency_s"].mean()) for r in rows],
+    )
+    by_devices["SFLAM (equal)"] = (population, [float(r["round_latency_s"].mean()) for r in rows])
+    line_figure(
+        by_devices,
+        "devices per round S",
+        "round latency (s)",
+        stem("gsfl_latency_vs_devices"),
+        "GSFL: round latency against devices per round",
+        log_y=True,
+        note=note,
+    )
+
+    runs = {m: gsfl_config(base, m) for m in groups}
+    for i, (m, config) in enumerate(runs.items()):
+        config.eval_every = 2
+        print(f"[gsfl {i + 1}/{len(runs)}] training M={m}", flush=True)
+        train.train_and_evaluate(config, os.path.join(out, "runs", f"gsfl_m{m}"))
+    run = {m: load_run(os.path.join(out, "runs", f"gsfl_m{m}")) for m in groups}
+    label = {m: f"M={m}" + (" (SL)" if m == 1 else " (SFLAM)" if m == s else "") for m in groups}
+    line_figure(
+        {label[m]: (r["round"], r["test_accuracy"]) for m, r in run.items()},
+        "round",
+        "test accuracy",
+        stem("gsfl_accuracy_vs_round"),
+        "GSFL: test accuracy per round",
+        note=note,
+    )
+    line_figure(
+        {label[m]: (r["sim_time_s"], r["test_accuracy"]) for m, r in run.items()},
+        "simulated wall-clock (s)",
+        "test accuracy",
+        stem("gsfl_accuracy_vs_wallclock"),
+        "GSFL: test accuracy against simulated wall-clock",
+        note=note,
+    )
+    summary = {"note": note, "target_accuracy": GSFL_TARGET, "latency_vs_groups": latency}
+    for m, r in run.items():
+        records = read_jsonl(os.path.join(out, "runs", f"gsfl_m{m}", "metrics.jsonl"))[1:]
+        summary[f"M={m}"] = {
+            "reached": first_reaching(r, GSFL_TARGET),
+            "final_test_accuracy": r["test_accuracy"][-1],
+            "mean_round_latency_s": float(np.mean([x["round_latency_s"] for x in records])),
+            "mean_round_energy_j": float(np.mean([x["round_energy_j"] for x in records])),
+            "sim_time_s": r["sim_time_s"][-1],
+            "wall_time_s": r["elapsed_s"][-1],
+        }
+    reached = {
+        label[m]: summary[f"M={m}"]["reached"]["sim_time_s"]
+        for m in groups
+        if summary[f"M={m}"]["reached"]["sim_time_s"] is not None
+    }
+    if reached:
+        bar_figure(
+            reached,
+            f"simulated time to {GSFL_TARGET:.0%} test accuracy (s)",
+            stem("gsfl_time_to_target"),
+            f"GSFL: simulated time to {GSFL_TARGET:.0%} test accuracy",
+            note=note,
+        )
+    text = json.dumps(summary, indent=2)
+    with open(stem("gsfl_summary.json.tmp"), "w") as f:
+        f.write(text)
+    os.replace(stem("gsfl_summary.json.tmp"), stem("gsfl_summary.json"))
+    print(text)
+
+
+def _with_devices(base, s: int):
+    c = base.copy_and_resolve_references()
+    c.train.clients_per_round = s
+    return c
 
 
 FIGURES = [

@@ -309,8 +309,9 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset | None 
     engine = build_engine(
         config, protocol, model, preprocess, planner, client_sizes=[len(p) for p in parts]
     )
-    # The lanes the engine chose (train.chunk_size = 0) or was given, rounded to the mesh later.
-    system["lanes"] = engine.chunk
+    if engine.algorithm.parallel:
+        # The lanes the engine chose (train.chunk_size = 0) or was given, rounded to the mesh.
+        system["lanes"] = engine.chunk
     return Experiment(
         config=config,
         protocol=protocol,
