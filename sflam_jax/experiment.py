@@ -96,8 +96,16 @@ def build_model(config, dataset: Dataset, key: jax.Array):
     else:
         model_cfg = preset_config(config, dataset.image_shape, dataset.num_classes)
         params = vit.init_params(model_cfg, key)
+    protocol = registry.get(config.algorithm)
+    if protocol.build is not None:
+        # The protocol's own split of the architecture (SFPrompt's U-shape).
+        model = protocol.build(config, model_cfg)
+        preprocess = Preprocess(
+            mean=mean, std=std, image_size=model_cfg.image_size, channels=model_cfg.channels
+        )
+        return model_cfg, model, params, preprocess
     dg = None
-    if config.aqt.enabled and registry.get(config.algorithm).aqt:
+    if config.aqt.enabled and protocol.aqt:
         dg = quant.aqt_dot_general_cls(config.aqt.fwd_bits or None, config.aqt.bwd_bits or None)
     model = split_lib.split(
         model_cfg,
@@ -111,8 +119,13 @@ def build_model(config, dataset: Dataset, key: jax.Array):
     return model_cfg, model, params, preprocess
 
 
-def initial_state(model_cfg: vit.ViTConfig, cut_layer: int, params: dict) -> RoundState:
-    params_c, params_s = split_lib.split_params(params, cut_layer, model_cfg.depth)
+# fold_in constant of the initialisation key for parameters a protocol adds (SFPrompt's prompts).
+_PROTOCOL_PARAMS = 0x9707
+
+
+def initial_state(model, params: dict, init_key: jax.Array) -> RoundState:
+    """The state before round 1: the whole ViT tree cut into the model's two segments."""
+    params_c, params_s = model.segments(params, jax.random.fold_in(init_key, _PROTOCOL_PARAMS))
     return RoundState.create(params_c, params_s)
 
 
@@ -121,7 +134,7 @@ def initial_state(model_cfg: vit.ViTConfig, cut_layer: int, params: dict) -> Rou
 
 def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: dict):
     """The per-round resource planner of the protocol; FLOPs come from XLA's cost analysis of the
-    float segments.
+    float segments (``params_c``, ``params_s``: the cut at ``model.cut_layer``, shapes suffice).
 
     The protocol's accepted allocators and bits policy apply (the baselines run at full power on
     equal bandwidth shares with float cut-layer traffic); its cost model gives the round's
@@ -141,6 +154,12 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         batch_size=config.train.batch_size,
         server_params=split_lib.num_params(params_s),
     )
+    if protocol.workload is not None:
+        # The protocol's own workload on its own segments; it carries the cut's for the
+        # comparison protocols.
+        model = protocol.build(config, model_cfg)
+        own_c, own_s = model.segments(split_lib.merge_params(params_c, params_s), jax.random.key(0))
+        workload = protocol.workload(model, own_c, own_s, workload, config)
     free_bits = protocol.optimizes_bits and config.allocation.optimize_bits
     return RoundPlanner(
         method=config.allocation.method,
@@ -297,14 +316,15 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset | None 
 
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     model_cfg, model, params, preprocess = build_model(config, dataset, init_key)
-    initial = initial_state(model_cfg, config.model.cut_layer, params)
+    initial = initial_state(model, params, init_key)
     # FLOPs and memory from the parameter shapes alone: XLA's cost analysis of arrays placed on
     # a mesh would count one device's share.
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), initial)
-    planner = build_planner(config, model_cfg, shapes.params_c, shapes.params_s)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    params_c, params_s = split_lib.split_params(shapes, config.model.cut_layer, model_cfg.depth)
+    planner = build_planner(config, model_cfg, params_c, params_s)
     system = {
         **dataclasses.asdict(planner.workload),
-        **device_memory(config, model_cfg, shapes.params_c, shapes.params_s),
+        **device_memory(config, model_cfg, params_c, params_s),
     }
     engine = build_engine(
         config, protocol, model, preprocess, planner, client_sizes=[len(p) for p in parts]

@@ -197,10 +197,8 @@ def _initial_states(exp, cfgs):
     for cfg in cfgs:
         if cfg.seed not in by_seed:
             init_key, _ = jax.random.split(jax.random.key(cfg.seed))
-            model_cfg, _, params, _ = experiment.build_model(cfg, exp.dataset, init_key)
-            by_seed[cfg.seed] = jax.device_get(
-                experiment.initial_state(model_cfg, cfg.model.cut_layer, params)
-            )
+            _, model, params, _ = experiment.build_model(cfg, exp.dataset, init_key)
+            by_seed[cfg.seed] = jax.device_get(experiment.initial_state(model, params, init_key))
     return _stack([by_seed[c.seed] for c in cfgs])
 
 

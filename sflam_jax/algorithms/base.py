@@ -73,6 +73,11 @@ class Protocol:
       validate: ``(config) -> None`` raising ``ConfigError`` for a bad field of its block.
       options: ``(config) -> dict`` of keyword arguments from its block; ``make`` and
         ``cost_model`` each receive the ones their signatures name (``bind``).
+      build: ``(config, ViTConfig) -> model``, its own split of the architecture (with
+        ``segments(params, key)``, ``logits(...)``); None: the cut at ``model.cut_layer``.
+      workload: ``(model, params_c, params_s, Workload, config) -> workload`` its cost model
+        reads (a ``Workload`` subclass, so the comparison protocols' costs still apply); None:
+        the split model's ``Workload``.
     """
 
     name: str
@@ -89,6 +94,8 @@ class Protocol:
     config_block: Callable[[], Any] | None = None
     validate: Callable[[Any], None] | None = None
     options: Callable[[Any], dict] | None = None
+    build: Callable[..., Any] | None = None
+    workload: Callable[..., Any] | None = None
 
     def bind(self, fn: Callable, config) -> Callable:
         """``fn`` (``make`` or ``cost_model``) with the protocol's options for ``config`` that
@@ -346,8 +353,9 @@ def make_evaluate(
 ) -> Callable[[dict, dict, jax.Array, jax.Array], dict[str, jax.Array]]:
     """Returns ``evaluate(params_c, params_s, images, labels) -> {"test_loss", "test_accuracy"}``.
 
-    The global model is evaluated unsplit in effect: ``server(client(x))`` with float cut-layer
-    traffic. Call it under ``jax.jit``; the test set is padded to whole batches and masked.
+    The global model is evaluated unsplit in effect (``model.logits``: ``server(client(x))``, or
+    the U-shaped model's ``tail(body(front(x)))``) with float cut-layer traffic. Call it under
+    ``jax.jit``; the test set is padded to whole batches and masked.
     """
 
     def evaluate(params_c, params_s, images, labels):
@@ -367,8 +375,7 @@ def make_evaluate(
             # AQT modules draw their (backward-only) rounding noise from a key even in a forward
             # pass; a fixed one keeps evaluation deterministic.
             key = jax.random.key(0)
-            smashed = model.client_apply(params_c, preprocess(x), key)
-            logits = model.server_apply(params_s, smashed, key)
+            logits = model.logits(params_c, params_s, preprocess(x), key)
             _, loss, correct = masked_cross_entropy(logits, y, m)
             return loss, correct
 

@@ -6,7 +6,7 @@ Adding a protocol is one module under ``sflam_jax/algorithms/`` that defines its
 
 from __future__ import annotations
 
-from sflam_jax.algorithms import fl, gsfl, sfl, sfl_v2, sflam, sl
+from sflam_jax.algorithms import fl, gsfl, sfl, sfl_v2, sflam, sfprompt, sl
 from sflam_jax.algorithms.base import Protocol
 from sflam_jax.errors import ConfigError
 
@@ -19,6 +19,7 @@ PROTOCOLS: dict[str, Protocol] = {
         sl.PROTOCOL,
         fl.PROTOCOL,
         gsfl.PROTOCOL,
+        sfprompt.PROTOCOL,
     )
 }
 

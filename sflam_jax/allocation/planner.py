@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -15,6 +16,10 @@ from sflam_jax.allocation.problem import Weights, evaluate, make_problem
 from sflam_jax.quant import FLOAT_BITS
 from sflam_jax.wireless.channel import SystemParams, draw_devices
 from sflam_jax.wireless.costs import Workload
+
+
+def _parameters(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,8 @@ class RoundPlanner:
         else:
             allocation, _ = IN_GRAPH[self.method](problem, bits)
         solved = evaluate(problem, allocation)
+        # A cost model that names ``counts`` (SFPrompt's, which prunes samples) gets them too.
+        by_count = {"counts": counts} if "counts" in _parameters(self.cost_model) else {}
         costs = self.cost_model(
             devices,
             steps,
@@ -84,6 +91,7 @@ class RoundPlanner:
             self.workload,
             self.params,
             self.weights.down_bits,
+            **by_count,
         )
         metrics = {
             "round_latency_s": costs["round_latency_s"],

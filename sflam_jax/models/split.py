@@ -36,6 +36,16 @@ class SplitModel:
     def values_per_sample(self) -> int:
         return self.smashed_shape[0] * self.smashed_shape[1]
 
+    def segments(self, params: dict, key=None) -> tuple[dict, dict]:
+        """``(params_c, params_s)`` of a whole ViT tree (``split_params`` at this cut)."""
+        del key
+        depth = sum(name.startswith("block_") for name in params)
+        return split_params(params, self.cut_layer, depth)
+
+    def logits(self, params_c: dict, params_s: dict, images: jax.Array, key=None) -> jax.Array:
+        """The global model's logits, ``server(client(x))`` without the cut-layer link."""
+        return self.server_apply(params_s, self.client_apply(params_c, images, key), key)
+
 
 def client_keys(cut_layer: int) -> list[str]:
     return ["embedding", *block_names(cut_layer)]

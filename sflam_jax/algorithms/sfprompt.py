@@ -1,0 +1,476 @@
+"""SFPrompt: U-shaped split prompt tuning of a frozen pretrained ViT (SPEC section 6.3).
+
+The device holds the embedding, soft prompts and the first blocks (the front) and the last
+blocks with the classifier (the tail); the server holds the frozen body, one copy for every
+client (``models.ushape``). Only the prompts and the tail train. One round, for each sampled
+client, side by side under ``jax.vmap`` (``train.chunk_size`` clients at once, 0 = all S):
+
+1. pruning: every local sample is scored by EL2N, ``||softmax(tail(front(x))) - onehot(y)||_2``
+   with the body skipped, and the hardest ``floor(keep n_k)`` are kept (``sfprompt.keep``; the
+   first round keeps all unless ``sfprompt.prune_first_round``); static shapes, the kept samples
+   are the first entries of a per-client index;
+2. local-loss phase: ``sfprompt.local_epochs`` epochs on the kept samples through front -> tail,
+   no body, no communication;
+3. split phase: ``train.local_epochs`` epochs on the kept samples. Per step the front's output
+   goes up through the section 2 quantizer at the device's bits, the body runs forward, its
+   output (the class token alone when there are no tail blocks) comes down at ``quant.down_bits``,
+   the tail computes the loss on the device and sends its input gradient up (quantized at the
+   device's bits), the server back-propagates it through the body (activation gradients only:
+   the body's weights are constants of the step, so no weight gradient is formed) and sends the
+   front's output gradient down; the device back-propagates it to the prompts;
+4. FedAvg of prompts and tail weighted by the kept samples; the embedding, the front blocks and the
+   body are not touched, so they stay bit-identical.
+
+One optimizer state per client for the round (fresh each round), shared by both phases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sflam_jax import quant
+from sflam_jax.algorithms.base import (
+    Protocol,
+    RoundState,
+    SplitTraining,
+    average_or_keep,
+    finite_per_client,
+    masked_cross_entropy,
+)
+from sflam_jax.data.batches import client_batch, epoch_orders, local_steps
+from sflam_jax.errors import ConfigError
+from sflam_jax.models.ushape import PROMPTS, UShape
+from sflam_jax.quant import FLOAT_BITS, payload_bits
+from sflam_jax.wireless.channel import rate_bps
+from sflam_jax.wireless.costs import Workload, _totals
+
+
+def config_block() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.prompt_len = 10  # soft prompt tokens, inserted after the class token
+    c.head_blocks = 1  # blocks on the device before the body
+    c.tail_blocks = 0  # blocks on the device after the body (0: the body sends the class token)
+    c.keep = 0.5  # EL2N: the hardest floor(keep * n_k) samples of a client train
+    c.local_epochs = 1  # epochs of the local-loss phase (front -> tail, no body); 0 = none
+    c.prune_first_round = False  # the first round keeps all samples unless set
+    return c
+
+
+def validate(cfg) -> None:
+    def fail(field, value, allowed):
+        raise ConfigError(f"sfprompt.{field}={value!r} is invalid: {allowed}")
+
+    p = cfg.sfprompt
+    for field, low in (
+        ("prompt_len", 1),
+        ("head_blocks", 0),
+        ("tail_blocks", 0),
+        ("local_epochs", 0),
+    ):
+        value = p[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            fail(field, value, f"must be an integer >= {low}")
+    if isinstance(p.keep, bool) or not isinstance(p.keep, int | float) or not 0 < p.keep <= 1:
+        fail("keep", p.keep, "must be in (0, 1] (the fraction of a client's samples kept)")
+    if not cfg.model.pretrained:
+        from sflam_jax.models.vit import PRESETS
+
+        check_depth(cfg, PRESETS[cfg.model.preset][1])
+
+
+def check_depth(cfg, depth: int) -> None:
+    """Raises ``ConfigError`` when the head and tail blocks leave the body no block."""
+    p = cfg.sfprompt
+    if p.head_blocks + p.tail_blocks >= depth:
+        source = cfg.model.pretrained or f"model.preset={cfg.model.preset!r}"
+        raise ConfigError(
+            f"sfprompt.head_blocks={p.head_blocks} + sfprompt.tail_blocks={p.tail_blocks} is "
+            f"invalid: must be below the depth of {source} ({depth} blocks), so that the server "
+            "holds at least one"
+        )
+
+
+def options(cfg) -> dict:
+    p = cfg.sfprompt
+    return {
+        "keep": float(p.keep),
+        "local_loss_epochs": p.local_epochs,
+        "prune_first_round": p.prune_first_round,
+        "chunk_size": cfg.train.chunk_size,
+    }
+
+
+def build(cfg, model_cfg) -> UShape:
+    """The U-shaped split of the config's architecture."""
+    check_depth(cfg, model_cfg.depth)
+    p = cfg.sfprompt
+    return UShape(model_cfg, p.prompt_len, p.head_blocks, p.tail_blocks)
+
+
+def el2n(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``||softmax(logits) - onehot(labels)||_2`` per sample: ``[B, classes] -> [B]``."""
+    error = jax.nn.softmax(logits, -1) - jax.nn.one_hot(labels, logits.shape[-1])
+    return jnp.sqrt(jnp.sum(error**2, axis=-1))
+
+
+def hardest_first(scores: jax.Array, count: jax.Array) -> jax.Array:
+    """``[L]`` positions of a client's rows, its ``count`` real samples by descending score (ties:
+    the lower position), then the padding rows."""
+    real = jnp.arange(scores.shape[0]) < count
+    return jnp.argsort(jnp.where(real, -scores, jnp.inf), stable=True).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTuning(SplitTraining):
+    """SFPrompt's round (module docstring); ``model`` is a ``models.ushape.UShape``.
+
+    Attributes (besides ``SplitTraining``'s; ``local_epochs`` are the split phase's):
+      keep: EL2N keep fraction.
+      local_loss_epochs: epochs of the local-loss phase.
+      prune_first_round: prune in the first round too.
+      chunk_size: clients vmapped at once (0: all S).
+    """
+
+    keep: float = 0.5
+    local_loss_epochs: int = 1
+    prune_first_round: bool = False
+    chunk_size: int = 0
+    parallel = False
+
+    def kept(self, counts: jax.Array, first_round) -> jax.Array:
+        """Samples a client trains on: ``floor(keep n_k)``, or all in an unpruned first round."""
+        pruned = jnp.floor(self.keep * counts.astype(jnp.float32) + 1e-6).astype(jnp.int32)
+        if self.prune_first_round:
+            return pruned
+        return jnp.where(first_round, counts, pruned)
+
+    def scores(self, params_c, rows, count) -> jax.Array:
+        """EL2N of one client's ``[L]`` rows (padding rows: -inf), a batch at a time."""
+        width, b = rows.labels.shape[0], self.batch_size
+
+        def batch(start):
+            images = jax.lax.dynamic_slice_in_dim(rows.images, start, b)
+            labels = jax.lax.dynamic_slice_in_dim(rows.labels, start, b)
+            return el2n(self.model.local_logits(params_c, self.preprocess(images)), labels)
+
+        scores = jax.lax.map(batch, jnp.arange(0, width, b)).reshape(-1)
+        return jnp.where(jnp.arange(width) < count, scores, -jnp.inf)
+
+    def local_loss(self, trainable, frozen, images, labels, mask, up_bits, key):
+        """Masked loss of a batch through front -> tail (the local-loss phase)."""
+        del up_bits, key
+        params = {**frozen, **trainable}
+        logits = self.model.local_logits(params, self.preprocess(images))
+        loss, total, correct = masked_cross_entropy(logits, labels, mask)
+        return loss, (total, correct)
+
+    def split_loss(self, trainable, frozen, body, images, labels, mask, up_bits, key):
+        """Masked loss of a batch through the U-shape with its four cut crossings: front output
+        up (``up_bits``) and its gradient down (``down_bits``), body output down (``down_bits``)
+        and its gradient up (``up_bits``)."""
+        k_front, k_back = jax.random.split(key)
+        params = {**frozen, **trainable}
+        front = self.model.front(params, self.preprocess(images))
+        received = quant.cut_layer_channel(front, up_bits, self.down_bits, k_front)
+        out = self.model.body(body, received)
+        returned = quant.cut_layer_channel(out, self.down_bits, up_bits, k_back)
+        logits = self.model.tail(params, returned)
+        loss, total, correct = masked_cross_entropy(logits, labels, mask)
+        return loss, (total, correct)
+
+    def _phase(self, loss_fn, carry, rows, count, orders, up_bits, key, steps, record: bool):
+        """``steps`` optimizer steps of ``loss_fn`` over the batches of ``orders``."""
+
+        def step(t, carry):
+            trainable, opt, stats = carry
+            images, labels, mask = client_batch(rows, count, orders, t, self.batch_size)
+            (_, (total, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                trainable, images, labels, mask, up_bits, jax.random.fold_in(key, t)
+            )
+            updates, new_opt = self.optimizer.update(grads, opt, trainable)
+            active = jnp.any(mask)
+            new = (optax.apply_updates(trainable, updates), new_opt)
+            trainable, opt = jax.tree.map(
+                lambda n, o: jnp.where(active, n, o), new, (trainable, opt)
+            )
+            if record:
+                n = jnp.sum(mask.astype(jnp.float32))
+                stats = stats + jnp.stack([total, correct, n])
+            return trainable, opt, stats
+
+        return jax.lax.fori_loop(0, steps, step, carry)
+
+    def train_client(self, trainable, frozen, body, rows, count, up_bits, key, first_round):
+        """One client's round from the global ``trainable`` tree.
+
+        Returns ``(trainable, stats [3] of the split phase, kept samples)``.
+        """
+        width = rows.labels.shape[0]
+        k_local, k_split, k_local_steps, k_split_steps = jax.random.split(key, 4)
+        kept = self.kept(count, first_round)
+        order = hardest_first(self.scores({**frozen, **trainable}, rows, count), count)
+        opt = self.optimizer.init(trainable)
+        stats = jnp.zeros((3,), jnp.float32)
+
+        def local(tr, *batch):
+            return self.local_loss(tr, frozen, *batch)
+
+        def split(tr, *batch):
+            return self.split_loss(tr, frozen, body, *batch)
+
+        carry = (trainable, opt, stats)
+        for loss_fn, epochs, k_order, k_steps, record in (
+            (local, self.local_loss_epochs, k_local, k_local_steps, False),
+            (split, self.local_epochs, k_split, k_split_steps, True),
+        ):
+            if epochs:
+                orders = order[epoch_orders(k_order, kept, width, epochs)]
+                steps = local_steps(kept, self.batch_size, epochs)
+                carry = self._phase(
+                    loss_fn, carry, rows, kept, orders, up_bits, k_steps, steps, record
+                )
+        return carry[0], carry[2], kept
+
+    def train_sequence(self, state: RoundState, plan: dict, rows_of):
+        """The round of the S clients in chunks and the FedAvg of prompts and tail.
+
+        Returns ``(params_c, params_s, stats [3], health [3, S], computed split steps)``; the
+        server segment is the state's own.
+        """
+        model: UShape = self.model
+        s = plan["counts"].shape[0]
+        trainable = model.pick(state.params_c, model.trainable_keys)
+        frozen = model.pick(state.params_c, model.frozen_keys)
+        first_round = state.round == 0
+        c = min(self.chunk_size or s, s)
+        chunks = -(-s // c)
+        slots = jnp.arange(chunks * c, dtype=jnp.int32).reshape(chunks, c)
+        train = jax.vmap(self.train_client, in_axes=(None, None, None, 0, 0, 0, 0, None))
+
+        def chunk(acc, where):
+            total, stats, weight, health, computed = acc
+            taken = where < s
+            at = jnp.minimum(where, s - 1)
+            counts = jnp.where(taken, plan["counts"][at], 0)
+            bits = jnp.where(taken, plan["up_bits"][at], float(FLOAT_BITS))
+            new, client_stats, kept = train(
+                trainable,
+                frozen,
+                state.params_s,
+                rows_of(plan["clients"][at]),
+                counts,
+                bits,
+                plan["keys"][at],
+                first_round,
+            )
+            w = kept.astype(jnp.float32)
+            total = jax.tree.map(lambda t, x: t + jnp.tensordot(w, x, axes=1), total, new)
+            flags = jnp.stack(
+                [
+                    jnp.isfinite(client_stats[:, 0]),
+                    finite_per_client(new),
+                    jnp.ones((c,), bool),  # the body is never updated
+                ],
+                axis=1,
+            )
+            health = health.at[jnp.where(taken, where, s)].set(flags, mode="drop")
+            steps = jnp.max(local_steps(kept, self.batch_size, self.local_epochs)) * c
+            return (
+                total,
+                stats + jnp.sum(client_stats, axis=0),
+                weight + jnp.sum(w),
+                health,
+                computed + steps,
+            ), None
+
+        start = (
+            jax.tree.map(jnp.zeros_like, trainable),
+            jnp.zeros((3,), jnp.float32),
+            jnp.zeros((), jnp.float32),
+            jnp.ones((s, 3), bool),
+            jnp.zeros((), jnp.int32),
+        )
+        total, stats, weight, health, computed = jax.lax.scan(chunk, start, slots)[0]
+        params_c = {**state.params_c, **average_or_keep(total, weight, trainable)}
+        return params_c, state.params_s, stats, health.T, computed
+
+
+# -- costs ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptWorkload(Workload):
+    """``Workload`` (the comparison protocols' split of the same backbone at ``model.cut_layer``)
+    plus SFPrompt's own per-sample FLOPs and sizes, all from XLA's cost analysis.
+
+    Attributes:
+      score_flops: EL2N scoring, front -> tail forward with the body skipped.
+      local_flops: one local-loss training step (forward and backward to prompts and tail).
+      device_split_flops: the device's part of a split step: front forward and backward to the
+        prompts, tail forward and backward.
+      server_split_flops: the body's forward and its activation-only backward.
+      up_values: values of the front's output (sent up; its gradient comes down).
+      down_values: values of the body's output the tail takes (sent down; its gradient goes up).
+      trainable_params: prompts and tail (aggregated each way once per round).
+      full_train_flops: one training step of the whole model (federated full fine-tuning).
+      full_params: the whole model's parameters.
+      keep, epochs, local_loss_epochs: the round's pruning and epochs.
+    """
+
+    score_flops: float = 0.0
+    local_flops: float = 0.0
+    device_split_flops: float = 0.0
+    server_split_flops: float = 0.0
+    up_values: int = 0
+    down_values: int = 0
+    trainable_params: int = 0
+    full_train_flops: float = 0.0
+    full_params: int = 0
+    keep: float = 0.5
+    epochs: int = 1
+    local_loss_epochs: int = 1
+
+
+def _flops(fn, *args) -> float:
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
+
+
+def prompt_workload(model: UShape, params_c, params_s, base: Workload, cfg) -> PromptWorkload:
+    """SFPrompt's per-sample costs of ``model`` from XLA's cost analysis of each piece compiled
+    for one sample (parameter shapes are enough: nothing is computed)."""
+    from sflam_jax.models.split import num_params
+    from sflam_jax.models.vit import ViT
+
+    shape = (1, model.cfg.image_size, model.cfg.image_size, model.cfg.channels)
+    image = jax.ShapeDtypeStruct(shape, jnp.float32)
+    up = jax.ShapeDtypeStruct((1, *model.up_shape), jnp.float32)
+    down = jax.ShapeDtypeStruct((1, *model.down_shape), jnp.float32)
+    label = jax.ShapeDtypeStruct((1,), jnp.int32)
+    tr = model.pick(params_c, model.trainable_keys)
+    fr = model.pick(params_c, model.frozen_keys)
+
+    def ce(logits, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+
+    def score(tr, fr, x):
+        return model.local_logits({**fr, **tr}, x)
+
+    def local_grad(tr, fr, x, y):
+        return jax.grad(lambda tr: ce(model.local_logits({**fr, **tr}, x), y))(tr)
+
+    def front_grad(tr, fr, x, g):
+        return jax.vjp(lambda tr: model.front({**fr, **tr}, x), tr)[1](g)
+
+    def tail_grad(tr, fr, z, y):
+        return jax.grad(lambda tr, z: ce(model.tail({**fr, **tr}, z), y), argnums=(0, 1))(tr, z)
+
+    def body_grad(body, x, g):
+        return jax.vjp(lambda x: model.body(body, x), x)[1](g)
+
+    whole = {k: v for k, v in {**params_c, **params_s}.items() if k != PROMPTS}
+
+    def full_grad(w, x, y):
+        return jax.grad(lambda w: ce(ViT(model.cfg).apply({"params": w}, x), y))(w)
+
+    p = cfg.sfprompt
+    return PromptWorkload(
+        **dataclasses.asdict(base),
+        score_flops=_flops(score, tr, fr, image),
+        local_flops=_flops(local_grad, tr, fr, image, label),
+        device_split_flops=_flops(front_grad, tr, fr, image, up)
+        + _flops(tail_grad, tr, fr, down, label),
+        server_split_flops=_flops(body_grad, params_s, up, down),
+        up_values=math.prod(model.up_shape),
+        down_values=math.prod(model.down_shape),
+        trainable_params=num_params(tr),
+        full_train_flops=_flops(full_grad, whole, image, label),
+        full_params=num_params(whole),
+        keep=float(p.keep),
+        epochs=cfg.train.local_epochs,
+        local_loss_epochs=p.local_epochs,
+    )
+
+
+def round_costs(
+    devices,
+    steps,
+    power_w,
+    bandwidth_hz,
+    up_bits,
+    workload: PromptWorkload,
+    params,
+    down_bits=FLOAT_BITS,
+    counts=None,
+) -> dict:
+    """Latency and device energy of an SFPrompt round, per device and in total, from the
+    clients' sample counts (``steps`` are the full-data ``tau_k``, unused). Keys as
+    ``wireless.costs.sflam_round_costs``; ``extra``: ``device_flops`` and ``air_bytes`` of the
+    round (all devices, both directions), the same for federated full fine-tuning of the backbone
+    (``fl_device_flops``, ``fl_air_bytes``: the whole model trained on the devices, the whole
+    model up and down) and their ratios (``device_compute_ratio``, ``traffic_ratio``)."""
+    del steps
+    w = workload
+    n = jnp.asarray(counts, jnp.float32)
+    kept = jnp.floor(w.keep * n + 1e-6)
+    split = w.epochs * kept
+    flops = n * w.score_flops + w.local_loss_epochs * kept * w.local_flops
+    flops = flops + split * w.device_split_flops
+    cycles = flops / params.flops_per_cycle
+    s = n.shape[-1]
+    server_s = split * w.server_split_flops * s / params.server_flops
+    agg = float(FLOAT_BITS) * w.trainable_params
+    up = split * (payload_bits(up_bits, w.up_values) + payload_bits(up_bits, w.down_values)) + agg
+    down = (
+        split * (payload_bits(down_bits, w.down_values) + payload_bits(down_bits, w.up_values))
+        + agg
+    )
+    n0 = params.noise_w_per_hz
+    r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
+    r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
+    costs = _totals(
+        cycles / devices.cpu_hz + server_s,
+        up / r_up + down / r_dn,
+        params.kappa * devices.cpu_hz**2 * cycles,
+        power_w * up / r_up,
+    )
+    fl_flops = w.epochs * n * w.full_train_flops
+    fl_bits = 2.0 * float(FLOAT_BITS) * w.full_params * s
+    device_flops, air_bytes = jnp.sum(flops), jnp.sum(up + down) / 8.0
+    costs["extra"] = {
+        "device_flops": device_flops,
+        "air_bytes": air_bytes,
+        "fl_device_flops": jnp.sum(fl_flops),
+        "fl_air_bytes": fl_bits / 8.0,
+        "device_compute_ratio": device_flops / jnp.maximum(jnp.sum(fl_flops), 1.0),
+        "traffic_ratio": air_bytes / (fl_bits / 8.0),
+    }
+    return costs
+
+
+PROTOCOL = Protocol(
+    name="sfprompt",
+    title="SFPrompt (U-shaped split prompt tuning, frozen body)",
+    make=PromptTuning,
+    cost_model=round_costs,
+    cost_split=True,
+    quantized_cut=True,
+    aqt=False,
+    allocators=("equal",),
+    optimizes_bits=False,
+    streamable=False,
+    baseline=False,
+    config_block=config_block,
+    validate=validate,
+    options=options,
+    build=build,
+    workload=prompt_workload,
+)
