@@ -1,0 +1,258 @@
+"""SFPrompt (SPEC section 6.3): a round against a plain-Python reference with explicit vjps at
+both cuts, the frozen parts, EL2N pruning, the local-loss phase, the vmapped round against a
+per-client loop, the server's activation-only backward and the config errors."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_sflam import LR, MOMENTUM, B, E, _fedavg, _sgd_momentum
+
+from sflam_jax import train
+from sflam_jax.algorithms import sfprompt
+from sflam_jax.algorithms.base import Preprocess, RoundState, sample_clients
+from sflam_jax.data.batches import epoch_orders, make_client_data
+from sflam_jax.engine import Engine
+from sflam_jax.errors import ConfigError
+from sflam_jax.models import vit
+from sflam_jax.models.ushape import UShape
+from sflam_jax.validation import validate
+
+PRE = Preprocess(mean=(0.5,), std=(0.5,), image_size=14)
+CFG = vit.ViTConfig(
+    image_size=14,
+    channels=1,
+    num_classes=3,
+    patch_size=7,
+    hidden_size=32,
+    depth=3,
+    num_heads=2,
+    mlp_dim=64,
+)
+
+
+def _setup(sizes, head_blocks=1, tail_blocks=0, seed=0):
+    model = UShape(CFG, prompt_len=2, head_blocks=head_blocks, tail_blocks=tail_blocks)
+    params_c, params_s = model.segments(
+        vit.init_params(CFG, jax.random.key(seed)), jax.random.key(9)
+    )
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    images = rng.integers(0, 255, (n, 14, 14, 1)).astype(np.uint8)
+    labels = rng.integers(0, 3, n).astype(np.int32)
+    bounds = np.cumsum([0, *sizes])
+    parts = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+    data = make_client_data(images, labels, parts, B)
+    return model, RoundState.create(params_c, params_s), data, images, labels, parts
+
+
+def _engine(model, per_round, keep=1.0, local_loss_epochs=0, chunk_size=0, prune_first=False):
+    algorithm = sfprompt.PromptTuning(
+        model,
+        optax.sgd(LR, momentum=MOMENTUM),
+        PRE,
+        E,
+        B,
+        keep=keep,
+        local_loss_epochs=local_loss_epochs,
+        prune_first_round=prune_first,
+        chunk_size=chunk_size,
+    )
+    return Engine(algorithm, per_round)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _oracle_step(model, trainable, frozen, body, x, y):
+    """One split step by hand: device front forward, server body forward, device tail loss and
+    gradients, the tail-input gradient up, the body's vjp (input only) down, the front's vjp to
+    the prompts."""
+    front_out, front_vjp = jax.vjp(lambda tr: model.front({**frozen, **tr}, x), trainable)
+    body_out, body_vjp = jax.vjp(lambda h: model.body(body, h), front_out)
+
+    def tail_loss(tr, z):
+        logits = model.tail({**frozen, **tr}, z)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, (g_tail, g_z) = jax.value_and_grad(tail_loss, argnums=(0, 1))(trainable, body_out)
+    (g_front,) = body_vjp(g_z)
+    (g_prompts,) = front_vjp(g_front)
+    grads = jax.tree.map(jnp.add, g_tail, g_prompts)  # disjoint leaves: one of each is zero
+    return loss, grads
+
+
+def _oracle_round(model, state, images, labels, parts, key, per_round):
+    """One round with keep = 1, no local-loss phase, float traffic: each client from the global
+    prompts and tail, its samples in the order EL2N ranks them then shuffled per epoch as the
+    engine does, hand-written momentum SGD, FedAvg by samples."""
+    sample_key, train_key = jax.random.split(key)
+    clients = np.asarray(sample_clients(sample_key, len(parts), per_round))
+    width = -(-max(len(p) for p in parts) // B) * B
+    trainable0 = model.pick(state.params_c, model.trainable_keys)
+    frozen = model.pick(state.params_c, model.frozen_keys)
+    finals, sizes, loss_sum = [], [], 0.0
+    for k in clients:
+        part = parts[k]
+        n = len(part)
+        x_all = PRE(jnp.asarray(images[part]))
+        logits = model.local_logits(state.params_c, x_all)
+        scores = np.asarray(sfprompt.el2n(logits, jnp.asarray(labels[part])))
+        ranked = np.argsort(-scores, kind="stable")
+        _, k_split, _, _ = jax.random.split(jax.random.fold_in(train_key, int(k)), 4)
+        orders = np.asarray(epoch_orders(k_split, jnp.int32(n), width, E))
+        tr = trainable0
+        mom = jax.tree.map(jnp.zeros_like, tr)
+        for e in range(E):
+            perm = ranked[orders[e][:n]]
+            for t in range(-(-n // B)):
+                rows = part[perm[t * B : (t + 1) * B]]
+                x, y = PRE(jnp.asarray(images[rows])), jnp.asarray(labels[rows])
+                loss, grads = _oracle_step(model, tr, frozen, state.params_s, x, y)
+                tr, mom = _sgd_momentum(tr, mom, grads)
+                loss_sum += float(loss) * len(rows)
+        finals.append(tr)
+        sizes.append(n)
+    return clients, _fedavg(sizes, finals), loss_sum / (E * sum(sizes))
+
+
+@pytest.mark.parametrize(("tail_blocks", "per_round"), [(0, 1), (1, 3)])
+def test_round_matches_explicit_vjp_reference(tail_blocks, per_round):
+    """One client (the tail on the class token) and three (a tail block on every token): the
+    jitted round equals the reference; the body, the embedding and the front blocks come back
+    bit-identical."""
+    sizes = [7, 13, 3, 10, 5]
+    model, state, data, images, labels, parts = _setup(sizes, tail_blocks=tail_blocks)
+    key = jax.random.key(4 + per_round)
+    new, metrics = jax.jit(_engine(model, per_round).round)(state, data, key, 32)
+    clients, ref, ref_loss = _oracle_round(model, state, images, labels, parts, key, per_round)
+    np.testing.assert_array_equal(metrics["clients"], clients)
+    chex.assert_trees_all_close(model.pick(new.params_c, model.trainable_keys), ref, atol=1e-5)
+    np.testing.assert_allclose(metrics["train_loss"], ref_loss, rtol=1e-5)
+    for name in model.frozen_keys:
+        chex.assert_trees_all_equal(new.params_c[name], state.params_c[name])
+    chex.assert_trees_all_equal(new.params_s, state.params_s)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new.params_c, state.params_c)
+    assert moved["prompts"] > 0 and max(jax.tree.leaves(moved["head"])) > 1e-3
+
+
+def test_vmapped_round_equals_a_loop_over_clients():
+    """Pruning, the local-loss phase and an 8-bit cut on: clients in chunks of two (vmapped, a
+    padding slot) and one at a time give the same round."""
+    model, state, data, *_ = _setup([8, 16, 4, 12, 8])
+    key = jax.random.key(2)
+    state = state.replace(round=jnp.int32(1))  # a pruned round
+    results = [
+        jax.jit(_engine(model, 3, keep=0.5, local_loss_epochs=1, chunk_size=c).round)(
+            state, data, key, 8
+        )
+        for c in (2, 1)
+    ]
+    for new, metrics in results[1:]:
+        chex.assert_trees_all_close(new.params_c, results[0][0].params_c, atol=1e-6)
+        np.testing.assert_allclose(metrics["train_loss"], results[0][1]["train_loss"], rtol=1e-6)
+    # Half of each client's samples trained (E epochs of floor(n / 2)).
+    counts = np.asarray([8, 16, 4, 12, 8])[np.asarray(results[0][1]["clients"])]
+    assert int(results[0][1]["samples"]) == E * np.sum(counts // 2)
+
+
+def test_el2n_keeps_exactly_the_hardest():
+    logits = jnp.log(jnp.asarray([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]]))
+    labels = jnp.asarray([0, 0, 2])
+    # By hand: sqrt(0.3^2 + 0.2^2 + 0.1^2), sqrt(0.9^2 + 0.8^2 + 0.1^2), sqrt(2 * 0.3^2 + 0.6^2).
+    want = np.sqrt([0.14, 1.46, 0.54])
+    np.testing.assert_allclose(sfprompt.el2n(logits, labels), want, rtol=1e-5)
+    scores = jnp.asarray([0.3, 0.9, 0.1, 0.9, 0.5, 7.0])  # the last row is padding
+    np.testing.assert_array_equal(sfprompt.hardest_first(scores, 5), [1, 3, 4, 0, 2, 5])
+    alg = _engine(_setup([4])[0], 1, keep=0.5).algorithm
+    np.testing.assert_array_equal(alg.kept(jnp.asarray([5, 4, 1, 0]), False), [2, 2, 0, 0])
+    np.testing.assert_array_equal(alg.kept(jnp.asarray([5, 4]), True), [5, 4])
+
+
+@pytest.mark.parametrize(("head_blocks", "moves"), [(1, True), (0, False)])
+def test_local_loss_phase_reaches_the_prompts_through_the_head(head_blocks, moves):
+    """With a head block the class token attends to the prompts, so the local loss (body skipped)
+    has a prompt gradient; with none (and no tail blocks) the classifier sees only the class
+    token and the prompts get none."""
+    model, state, data, images, labels, _ = _setup([8], head_blocks=head_blocks)
+    alg = _engine(model, 1).algorithm
+    trainable = model.pick(state.params_c, model.trainable_keys)
+    frozen = model.pick(state.params_c, model.frozen_keys)
+    mask = jnp.ones((8,), bool)
+    grads = jax.grad(lambda tr: alg.local_loss(tr, frozen, images, labels, mask, 32, None)[0])(
+        trainable
+    )
+    assert (float(jnp.max(jnp.abs(grads["prompts"]))) > 0) == moves
+
+
+def test_server_forms_no_weight_gradient():
+    """The compiled split step costs the body's forward less than the same step that also
+    differentiates the body's weights (what a weight gradient would add)."""
+    model, state, data, images, labels, _ = _setup([8])
+    alg = _engine(model, 1).algorithm
+    trainable = model.pick(state.params_c, model.trainable_keys)
+    frozen = model.pick(state.params_c, model.frozen_keys)
+    x, y, mask = images[:B], labels[:B], jnp.ones((B,), bool)
+    key = jax.random.key(0)
+
+    def ours(tr, body):
+        return jax.grad(lambda tr: alg.split_loss(tr, frozen, body, x, y, mask, 32, key)[0])(tr)
+
+    def with_body(tr, body):
+        return jax.grad(
+            lambda tr, body: alg.split_loss(tr, frozen, body, x, y, mask, 32, key)[0],
+            argnums=(0, 1),
+        )(tr, body)
+
+    flops = lambda fn, *a: jax.jit(fn).lower(*a).compile().cost_analysis()["flops"]  # noqa: E731
+    body_fwd = flops(
+        lambda body, h: model.body(body, h), state.params_s, jnp.zeros((B, *model.up_shape))
+    )
+    saved = flops(with_body, trainable, state.params_s) - flops(ours, trainable, state.params_s)
+    assert saved > 0.5 * body_fwd
+
+
+def test_trains_through_the_trainer_and_reports_its_costs(tiny_config, tmp_path):
+    cfg = tiny_config
+    cfg.algorithm, cfg.num_rounds, cfg.eval_every = "sfprompt", 1, 1
+    record = train.train_and_evaluate(cfg, str(tmp_path))
+    assert record["test_accuracy"] >= 0
+    for k in ("device_flops", "air_bytes", "fl_device_flops", "fl_air_bytes"):
+        assert record[k] > 0
+    np.testing.assert_allclose(
+        record["device_compute_ratio"],
+        record["device_flops"] / record["fl_device_flops"],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        record["traffic_ratio"], record["air_bytes"] / record["fl_air_bytes"], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("sfprompt.keep", 0.0, r"sfprompt.keep=0.0 is invalid: must be in \(0, 1\]"),
+        ("sfprompt.keep", 1.5, r"sfprompt.keep=1.5 is invalid"),
+        ("sfprompt.prompt_len", 0, r"sfprompt.prompt_len=0 is invalid: must be an integer >= 1"),
+        ("sfprompt.tail_blocks", 1, r"sfprompt.head_blocks=1 \+ sfprompt.tail_blocks=1 is invalid"),
+    ],
+)
+def test_bad_sfprompt_fields_are_named(tiny_config, field, value, message):
+    cfg = tiny_config
+    cfg.algorithm = "sfprompt"
+    section, name = field.split(".")
+    cfg[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_a_backbone_without_the_blocks_is_named(tiny_config):
+    cfg = tiny_config
+    cfg.algorithm, cfg.model.pretrained = "sfprompt", "some/checkpoint"
+    cfg.sfprompt.head_blocks = 3
+    validate(cfg)  # the checkpoint's depth is known once it is read
+    with pytest.raises(ConfigError, match="depth of some/checkpoint .3 blocks."):
+        sfprompt.build(cfg, CFG)
