@@ -26,7 +26,7 @@ from sflam_jax.allocation.planner import sweep
 from sflam_jax.allocation.problem import make_problem
 from sflam_jax.config import base_config
 from sflam_jax.data.batches import local_steps
-from sflam_jax.metrics import read_jsonl
+from sflam_jax.metrics import atomic_write_text, read_jsonl
 from sflam_jax.plots import bar_figure, line_figure, load_run
 from sflam_jax.wireless.channel import draw_devices
 
@@ -526,9 +526,7 @@ def gsfl_figures(base, out: str, draws: int, note: str) -> None:
             note=note,
         )
     text = json.dumps(summary, indent=2)
-    with open(stem("gsfl_summary.json.tmp"), "w") as f:
-        f.write(text)
-    os.replace(stem("gsfl_summary.json.tmp"), stem("gsfl_summary.json"))
+    atomic_write_text(stem("gsfl_summary.json"), text)
     print(text)
 
 
@@ -673,9 +671,7 @@ def sfprompt_figures(out: str, lr: float) -> None:
         note=note,
     )
     text = json.dumps(summary, indent=2)
-    with open(stem("sfprompt_summary.json.tmp"), "w") as f:
-        f.write(text)
-    os.replace(stem("sfprompt_summary.json.tmp"), stem("sfprompt_summary.json"))
+    atomic_write_text(stem("sfprompt_summary.json"), text)
     print(text)
 
 

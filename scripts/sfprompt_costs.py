@@ -69,6 +69,8 @@ def ratios(plan, samples: int, keep: float, local: int, bits: int) -> dict:
 
 
 def main():
+    from sflam_jax.metrics import atomic_write_text
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=500, help="samples of the client")
     parser.add_argument(
@@ -96,14 +98,8 @@ def main():
     text = "\n".join(table)
     print(text)
     out = {"samples": args.samples, "rows": rows}
-    for path, body in (
-        (args.out, json.dumps(out, indent=2)),
-        (os.path.splitext(args.out)[0] + ".md", text + "\n"),
-    ):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(body)
-        os.replace(tmp, path)
+    atomic_write_text(args.out, json.dumps(out, indent=2))
+    atomic_write_text(os.path.splitext(args.out)[0] + ".md", text + "\n")
     print(f"wrote {args.out}")
 
 
