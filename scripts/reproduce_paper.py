@@ -134,7 +134,7 @@ def main():
     parser.add_argument(
         "--sfprompt-lr",
         type=float,
-        default=1e-3,
+        default=3e-3,
         help="Adam learning rate of the SFPrompt run (prompts and tail)",
     )
     args = parser.parse_args()
@@ -551,8 +551,10 @@ def sfprompt_configs(lr: float) -> dict:
         c.algorithm = name
         c.metrics.progress = True
         if name == "sfprompt":
-            # Only prompts, final norm and classifier train: one rate for all of them.
+            # Only prompts, final norm and classifier train: one rate for all of them. One
+            # client at a time: on a CPU, vmapping clients of unequal size pads them all.
             c.optimizer.learning_rate, c.optimizer.head_lr_scale = lr, 1.0
+            c.train.chunk_size = 1
         runs[f"dinov2_{name}"] = c
     return runs
 
