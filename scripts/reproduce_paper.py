@@ -134,7 +134,7 @@ def main():
     parser.add_argument(
         "--sfprompt-lr",
         type=float,
-        default=3e-3,
+        default=3e-4,
         help="Adam learning rate of the SFPrompt run (prompts and tail)",
     )
     args = parser.parse_args()
