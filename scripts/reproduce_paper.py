@@ -550,12 +550,12 @@ def sfprompt_configs(lr: float) -> dict:
         c = fmnist_dinov2_s14.get_config()
         c.algorithm = name
         c.metrics.progress = True
-        if name == "sfprompt":
-            # Only prompts, final norm and classifier train: one rate for all of them. One
-            # client at a time: on a CPU, vmapping clients of unequal size pads them all.
-            c.optimizer.learning_rate, c.optimizer.head_lr_scale = lr, 1.0
-            c.train.chunk_size = 1
         runs[f"dinov2_{name}"] = c
+    # Only prompts, final norm and classifier train: one rate for all of them. One client at a
+    # time: on a CPU, vmapping clients of unequal size pads them all.
+    prompt = runs["dinov2_sfprompt"]
+    prompt.optimizer.learning_rate, prompt.optimizer.head_lr_scale = lr, 1.0
+    prompt.train.chunk_size = 1
     return runs
 
 

@@ -96,14 +96,13 @@ def build_model(config, dataset: Dataset, key: jax.Array):
     else:
         model_cfg = preset_config(config, dataset.image_shape, dataset.num_classes)
         params = vit.init_params(model_cfg, key)
+    preprocess = Preprocess(
+        mean=mean, std=std, image_size=model_cfg.image_size, channels=model_cfg.channels
+    )
     protocol = registry.get(config.algorithm)
     if protocol.build is not None:
         # The protocol's own split of the architecture (SFPrompt's U-shape).
-        model = protocol.build(config, model_cfg)
-        preprocess = Preprocess(
-            mean=mean, std=std, image_size=model_cfg.image_size, channels=model_cfg.channels
-        )
-        return model_cfg, model, params, preprocess
+        return model_cfg, protocol.build(config, model_cfg), params, preprocess
     dg = None
     if config.aqt.enabled and protocol.aqt:
         dg = quant.aqt_dot_general_cls(config.aqt.fwd_bits or None, config.aqt.bwd_bits or None)
@@ -112,9 +111,6 @@ def build_model(config, dataset: Dataset, key: jax.Array):
         config.model.cut_layer,
         client_dot_general_cls=dg if config.aqt.client else None,
         server_dot_general_cls=dg if config.aqt.server else None,
-    )
-    preprocess = Preprocess(
-        mean=mean, std=std, image_size=model_cfg.image_size, channels=model_cfg.channels
     )
     return model_cfg, model, params, preprocess
 

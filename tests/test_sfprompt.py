@@ -19,6 +19,7 @@ from sflam_jax.data.batches import epoch_orders, make_client_data
 from sflam_jax.engine import Engine
 from sflam_jax.errors import ConfigError
 from sflam_jax.models import vit
+from sflam_jax.models.split import compiled_flops
 from sflam_jax.models.ushape import UShape
 from sflam_jax.validation import validate
 
@@ -206,7 +207,7 @@ def test_server_forms_no_weight_gradient():
             argnums=(0, 1),
         )(tr, body)
 
-    flops = lambda fn, *a: jax.jit(fn).lower(*a).compile().cost_analysis()["flops"]  # noqa: E731
+    flops = compiled_flops
     body_fwd = flops(
         lambda body, h: model.body(body, h), state.params_s, jnp.zeros((B, *model.up_shape))
     )

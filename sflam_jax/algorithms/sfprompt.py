@@ -337,16 +337,10 @@ class PromptWorkload(Workload):
     local_loss_epochs: int = 1
 
 
-def _flops(fn, *args) -> float:
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0]
-    return float(analysis.get("flops", 0.0))
-
-
 def prompt_workload(model: UShape, params_c, params_s, base: Workload, cfg) -> PromptWorkload:
     """SFPrompt's per-sample costs of ``model`` from XLA's cost analysis of each piece compiled
     for one sample (parameter shapes are enough: nothing is computed)."""
+    from sflam_jax.models.split import compiled_flops as _flops
     from sflam_jax.models.split import num_params
     from sflam_jax.models.vit import ViT
 

@@ -147,18 +147,20 @@ def segment_flops(
     """
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     smashed = jax.ShapeDtypeStruct((1, *model.smashed_shape), jnp.float32)
-
-    def flops(fn, *args) -> float:
-        analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-        if isinstance(analysis, list | tuple):  # older JAX returns one dict per device
-            analysis = analysis[0]
-        return float(analysis.get("flops", 0.0))
-
     key = jax.random.key(0)
     return (
-        flops(lambda p, x: model.client_apply(p, x, key), params_c, images),
-        flops(lambda p, a: model.server_apply(p, a, key), params_s, smashed),
+        compiled_flops(lambda p, x: model.client_apply(p, x, key), params_c, images),
+        compiled_flops(lambda p, a: model.server_apply(p, a, key), params_s, smashed),
     )
+
+
+def compiled_flops(fn, *args) -> float:
+    """FLOPs of ``fn(*args)`` from XLA's cost analysis of the compiled program (``args`` may be
+    ``jax.ShapeDtypeStruct``)."""
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list | tuple):  # older JAX returns one dict per device
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
 
 
 def activation_bytes(apply_fn, params: dict, input_shape, key=None) -> float:
