@@ -167,6 +167,7 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         comparisons=tuple((p.name, p.cost_model) for p in registry.baselines()),
         fixed_bits=None if free_bits else protocol.cut_bits(config.quant)[0],
         pgd=PGDOptions(steps=config.allocation.pgd_steps),
+        loads=None if protocol.loads is None else protocol.bind(protocol.loads, config),
     )
 
 

@@ -12,9 +12,11 @@ import optax
 import pytest
 from test_sflam import LR, MOMENTUM, B, E, _fedavg, _sgd_momentum
 
-from sflam_jax import train
+from sflam_jax import experiment, quant, train
 from sflam_jax.algorithms import sfprompt
 from sflam_jax.algorithms.base import Preprocess, RoundState, sample_clients
+from sflam_jax.allocation import IN_GRAPH, exact
+from sflam_jax.allocation import problem as pb
 from sflam_jax.data.batches import epoch_orders, make_client_data
 from sflam_jax.engine import Engine
 from sflam_jax.errors import ConfigError
@@ -22,6 +24,7 @@ from sflam_jax.models import vit
 from sflam_jax.models.split import compiled_flops
 from sflam_jax.models.ushape import UShape
 from sflam_jax.validation import validate
+from sflam_jax.wireless.channel import draw_devices
 
 PRE = Preprocess(mean=(0.5,), std=(0.5,), image_size=14)
 CFG = vit.ViTConfig(
@@ -215,11 +218,106 @@ def test_server_forms_no_weight_gradient():
     assert saved > 0.5 * body_fwd
 
 
+def _prompt_problem(cfg, s, seed, w_t=0.5, bits=None):
+    """SFPrompt's allocation problem for S random devices of unequal sizes (tiny config)."""
+    cfg.algorithm = "sfprompt"
+    cfg.allocation.w_t, cfg.allocation.w_e = w_t, 1.0 - w_t
+    planner = experiment.planner_for(cfg, (14, 14, 1), 4)
+    key = jax.random.key(seed)
+    devices = draw_devices(key, s, planner.params)
+    counts = jax.random.randint(jax.random.fold_in(key, 1), (s,), 5, 400).astype(jnp.float32)
+    steps = jnp.ceil(counts / cfg.train.batch_size)
+    problem = pb.make_problem(
+        devices, steps, counts / counts.sum(), planner.workload, planner.params,
+        planner.weights, planner.loads, counts,
+    )  # fmt: skip
+    return planner, problem, counts
+
+
+def test_allocators_run_on_sfprompts_traffic(tiny_config):
+    """Every allocator optimises SFPrompt's own round: the solver's costs are the cost model's
+    (pruned samples, four crossings, prompts and tail aggregated), not SFL-V1's."""
+    planner, problem, counts = _prompt_problem(tiny_config, 6, 0)
+    s = counts.shape[0]
+    bits = jnp.full((s,), 8.0)
+    sfl_v1 = pb.make_problem(
+        problem.devices, problem.steps, problem.rho, planner.workload, planner.params,
+        planner.weights,
+    )  # fmt: skip
+    objectives = {}
+    for method, allocate in IN_GRAPH.items():
+        allocation, diag = allocate(problem, bits)
+        assert bool(pb.feasible(problem, allocation)), method
+        solved = pb.evaluate(problem, allocation)
+        model = planner.cost_model(
+            problem.devices, problem.steps, allocation.power_w, allocation.bandwidth_hz,
+            allocation.bits, planner.workload, planner.params, planner.weights.down_bits,
+            counts=counts,
+        )  # fmt: skip
+        for k in ("latency_s", "energy_j", "round_latency_s", "round_energy_j"):
+            np.testing.assert_allclose(solved[k], model[k], rtol=1e-6, err_msg=f"{method} {k}")
+        other = pb.evaluate(sfl_v1, allocation)["round_latency_s"]
+        assert abs(float(other) / float(solved["round_latency_s"]) - 1) > 0.05, method
+        objectives[method] = float(solved["objective"])
+    best, _ = exact.allocate(problem, bits)
+    optimum = float(pb.evaluate(problem, best)["objective"])
+    assert objectives["pgd"] <= optimum * (1 + 1e-3)
+    assert objectives["bcd"] <= optimum * (1 + 1e-2)
+    assert optimum < objectives["equal"] * (1 - 1e-2)
+
+
+def test_exact_on_sfprompt_beats_a_grid_of_the_cost_model(tiny_config):
+    """Two devices: the float64 optimum of SFPrompt's problem against a brute-force grid over
+    bandwidth and powers of its cost model (``T_ref``, ``E_ref`` from the cost model too)."""
+    planner, problem, counts = _prompt_problem(tiny_config, 2, 3, w_t=0.3)
+    bw, p_max = planner.params.bandwidth_hz, planner.params.p_max_w
+    bits = jnp.array([6.0, 12.0])
+
+    def cost(power, band, b):
+        return planner.cost_model(
+            problem.devices, problem.steps, power, band, b, planner.workload, planner.params,
+            planner.weights.down_bits, counts=counts,
+        )  # fmt: skip
+
+    ref = cost(jnp.full(2, p_max), jnp.full(2, bw / 2), jnp.full(2, 32.0))
+    n = 161
+    beta = jnp.linspace(0.002, 0.998, n) * bw
+    power = jnp.linspace(0.002, 1.0, n) * p_max
+    b1, p1, p2 = (x.ravel() for x in jnp.meshgrid(beta, power, power, indexing="ij"))
+
+    def objective(b1, p1, p2):
+        c = cost(jnp.stack([p1, p2]), jnp.stack([b1, bw - b1]), bits)
+        t, e = (
+            c["round_latency_s"] / ref["round_latency_s"],
+            c["round_energy_j"] / ref["round_energy_j"],
+        )
+        return 0.3 * t + 0.7 * e
+
+    grid = float(jax.jit(jax.vmap(objective))(b1, p1, p2).min())
+    _, diag = exact.allocate(problem, bits)
+    assert float(diag["objective"]) <= grid * (1 + 1e-6)
+    assert grid <= float(diag["objective"]) * (1 + 3e-3)
+
+
+def test_free_bits_budget_counts_both_uplink_crossings(tiny_config):
+    planner, problem, counts = _prompt_problem(tiny_config, 5, 1)
+    w = planner.workload
+    assert w.budget_values == w.up_values + w.down_values != w.values_per_sample
+    allocation, _ = IN_GRAPH["pgd"](problem, None)
+    assert bool(pb.feasible(problem, allocation))
+    rho = counts / counts.sum()
+    by_hand = jnp.sum(rho * quant.error_proxy(allocation.bits, w.up_values + w.down_values, 10.0))
+    np.testing.assert_allclose(pb.quant_budget_used(problem, allocation.bits), by_hand, rtol=1e-6)
+
+
 def test_trains_through_the_trainer_and_reports_its_costs(tiny_config, tmp_path):
     cfg = tiny_config
     cfg.algorithm, cfg.num_rounds, cfg.eval_every = "sfprompt", 1, 1
+    cfg.allocation.method, cfg.allocation.optimize_bits = "pgd", True
     record = train.train_and_evaluate(cfg, str(tmp_path))
     assert record["test_accuracy"] >= 0
+    assert cfg.allocation.bits_min <= record["bits_min"] <= record["bits_max"] <= 16
+    assert record["quant_error"] <= cfg.allocation.eps_q * (1 + 1e-6)
     for k in ("device_flops", "air_bytes", "fl_device_flops", "fl_air_bytes"):
         assert record[k] > 0
     np.testing.assert_allclose(

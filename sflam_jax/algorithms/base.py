@@ -78,6 +78,10 @@ class Protocol:
       workload: ``(model, params_c, params_s, Workload, config) -> workload`` its cost model
         reads (a ``Workload`` subclass, so the comparison protocols' costs still apply); None:
         the split model's ``Workload``.
+      loads: ``(devices, steps, up_bits, workload, params, down_bits, counts) -> {compute_s,
+        compute_j, up_bits, down_bits}``, the per-device loads of its round in the allocation
+        problem's form (``T = A + D / r_up + H / r_dn``, ``E = C + p D / r_up``), so every
+        allocator runs on its traffic; None: SFL-V1's (``wireless.costs.round_loads``).
     """
 
     name: str
@@ -96,6 +100,7 @@ class Protocol:
     options: Callable[[Any], dict] | None = None
     build: Callable[..., Any] | None = None
     workload: Callable[..., Any] | None = None
+    loads: Callable[..., dict] | None = None
 
     def bind(self, fn: Callable, config) -> Callable:
         """``fn`` (``make`` or ``cost_model``) with the protocol's options for ``config`` that

@@ -43,12 +43,12 @@ from sflam_jax.algorithms.base import (
     finite_per_client,
     masked_cross_entropy,
 )
+from sflam_jax.allocation import IN_GRAPH
 from sflam_jax.data.batches import client_batch, epoch_orders, local_steps
 from sflam_jax.errors import ConfigError
 from sflam_jax.models.ushape import PROMPTS, UShape
 from sflam_jax.quant import FLOAT_BITS, payload_bits
-from sflam_jax.wireless.channel import rate_bps
-from sflam_jax.wireless.costs import Workload, _totals
+from sflam_jax.wireless.costs import Workload, loads_costs
 
 
 def config_block() -> ml_collections.ConfigDict:
@@ -336,6 +336,12 @@ class PromptWorkload(Workload):
     epochs: int = 1
     local_loss_epochs: int = 1
 
+    @property
+    def budget_values(self) -> int:
+        """The device quantizes two crossings per split sample: the front's output and the
+        gradient of the body's output (the learning budget's Gamma)."""
+        return self.up_values + self.down_values
+
 
 def prompt_workload(model: UShape, params_c, params_s, base: Workload, cfg) -> PromptWorkload:
     """SFPrompt's per-sample costs of ``model`` from XLA's cost analysis of each piece compiled
@@ -394,6 +400,46 @@ def prompt_workload(model: UShape, params_c, params_s, base: Workload, cfg) -> P
     )
 
 
+def round_loads(
+    devices,
+    steps,
+    up_bits,
+    workload: PromptWorkload,
+    params,
+    down_bits=FLOAT_BITS,
+    counts=None,
+) -> dict:
+    """An SFPrompt round's channel-independent loads per device (``[S]`` each), from the clients'
+    sample counts (``steps`` are the full-data ``tau_k``, unused): ``compute_s`` (device cycles
+    over its clock plus the body's share of the server), ``compute_j`` (``kappa f^2`` cycles),
+    ``up_bits`` (per split sample the front's output and the body output's gradient at the
+    device's bits, and the prompts and tail once) and ``down_bits`` (their counterparts at
+    ``down_bits``, and the model once), the form of ``wireless.costs.round_loads``; ``flops`` are
+    the device FLOPs."""
+    del steps
+    w = workload
+    n = jnp.asarray(counts, jnp.float32)
+    kept = jnp.floor(w.keep * n + 1e-6)
+    split = w.epochs * kept
+    flops = n * w.score_flops + w.local_loss_epochs * kept * w.local_flops
+    flops = flops + split * w.device_split_flops
+    cycles = flops / params.flops_per_cycle
+    server_s = split * w.server_split_flops * n.shape[-1] / params.server_flops
+    agg = float(FLOAT_BITS) * w.trainable_params
+    up = split * (payload_bits(up_bits, w.up_values) + payload_bits(up_bits, w.down_values)) + agg
+    down = (
+        split * (payload_bits(down_bits, w.down_values) + payload_bits(down_bits, w.up_values))
+        + agg
+    )
+    return {
+        "compute_s": cycles / devices.cpu_hz + server_s,
+        "compute_j": params.kappa * devices.cpu_hz**2 * cycles,
+        "up_bits": up,
+        "down_bits": down,
+        "flops": flops,
+    }
+
+
 def round_costs(
     devices,
     steps,
@@ -405,40 +451,20 @@ def round_costs(
     down_bits=FLOAT_BITS,
     counts=None,
 ) -> dict:
-    """Latency and device energy of an SFPrompt round, per device and in total, from the
-    clients' sample counts (``steps`` are the full-data ``tau_k``, unused). Keys as
-    ``wireless.costs.sflam_round_costs``; ``extra``: ``device_flops`` and ``air_bytes`` of the
-    round (all devices, both directions), the same for federated full fine-tuning of the backbone
-    (``fl_device_flops``, ``fl_air_bytes``: the whole model trained on the devices, the whole
-    model up and down) and their ratios (``device_compute_ratio``, ``traffic_ratio``)."""
-    del steps
+    """Latency and device energy of an SFPrompt round, per device and in total (``round_loads``
+    on the channel). Keys as ``wireless.costs.sflam_round_costs``; ``extra``: ``device_flops`` and
+    ``air_bytes`` of the round (all devices, both directions), the same for federated full
+    fine-tuning of the backbone (``fl_device_flops``, ``fl_air_bytes``: the whole model trained on
+    the devices, the whole model up and down) and their ratios (``device_compute_ratio``,
+    ``traffic_ratio``)."""
     w = workload
+    loads = round_loads(devices, steps, up_bits, w, params, down_bits, counts)
+    costs = loads_costs(loads, devices, power_w, bandwidth_hz, params)
     n = jnp.asarray(counts, jnp.float32)
-    kept = jnp.floor(w.keep * n + 1e-6)
-    split = w.epochs * kept
-    flops = n * w.score_flops + w.local_loss_epochs * kept * w.local_flops
-    flops = flops + split * w.device_split_flops
-    cycles = flops / params.flops_per_cycle
-    s = n.shape[-1]
-    server_s = split * w.server_split_flops * s / params.server_flops
-    agg = float(FLOAT_BITS) * w.trainable_params
-    up = split * (payload_bits(up_bits, w.up_values) + payload_bits(up_bits, w.down_values)) + agg
-    down = (
-        split * (payload_bits(down_bits, w.down_values) + payload_bits(down_bits, w.up_values))
-        + agg
-    )
-    n0 = params.noise_w_per_hz
-    r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
-    r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
-    costs = _totals(
-        cycles / devices.cpu_hz + server_s,
-        up / r_up + down / r_dn,
-        params.kappa * devices.cpu_hz**2 * cycles,
-        power_w * up / r_up,
-    )
     fl_flops = w.epochs * n * w.full_train_flops
-    fl_bits = 2.0 * float(FLOAT_BITS) * w.full_params * s
-    device_flops, air_bytes = jnp.sum(flops), jnp.sum(up + down) / 8.0
+    fl_bits = 2.0 * float(FLOAT_BITS) * w.full_params * n.shape[-1]
+    device_flops = jnp.sum(loads["flops"])
+    air_bytes = jnp.sum(loads["up_bits"] + loads["down_bits"]) / 8.0
     costs["extra"] = {
         "device_flops": device_flops,
         "air_bytes": air_bytes,
@@ -458,8 +484,8 @@ PROTOCOL = Protocol(
     cost_split=True,
     quantized_cut=True,
     aqt=False,
-    allocators=("equal",),
-    optimizes_bits=False,
+    allocators=tuple(IN_GRAPH),
+    optimizes_bits=True,
     streamable=False,
     baseline=False,
     config_block=config_block,
@@ -467,4 +493,5 @@ PROTOCOL = Protocol(
     options=options,
     build=build,
     workload=prompt_workload,
+    loads=round_loads,
 )

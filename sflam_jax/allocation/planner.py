@@ -39,6 +39,8 @@ class RoundPlanner:
         ``<name>_round_energy_j`` at full power, equal bandwidth and float traffic (SPEC 3).
       fixed_bits: cut-layer bits for every device, or None to let the solver choose them.
       pgd: descent settings when ``method == "pgd"``.
+      loads: the protocol's per-device loads for the solver (``allocation.problem.Problem``);
+        None: SFL-V1's.
     """
 
     method: str
@@ -50,6 +52,7 @@ class RoundPlanner:
     comparisons: tuple = ()
     fixed_bits: int | None = None
     pgd: PGDOptions = PGDOptions()
+    loads: Callable[..., dict] | None = None
 
     def __post_init__(self):
         if self.method not in IN_GRAPH:
@@ -73,7 +76,9 @@ class RoundPlanner:
         s = steps.shape[0]
         devices = draw_devices(key, s, self.params)
         rho = counts / jnp.maximum(jnp.sum(counts), 1)
-        problem = make_problem(devices, steps, rho, self.workload, self.params, self.weights)
+        problem = make_problem(
+            devices, steps, rho, self.workload, self.params, self.weights, self.loads, counts
+        )
         bits = None if self.fixed_bits is None else jnp.full((s,), self.fixed_bits, jnp.float32)
         if self.method == "pgd":
             allocation, _ = IN_GRAPH["pgd"](problem, bits, self.pgd)

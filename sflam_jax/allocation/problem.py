@@ -12,11 +12,16 @@ For fixed bits, device k's round time and energy are
 with A_k, C_k its compute time and energy, D_k = tau_k B P(b_k) + 32 |w_c| its uplink bits and
 H_k = tau_k B P(g_bits) + 32 |w_c| its downlink bits (SPEC section 3). ``Problem`` holds these
 per-device quantities so that every solver sees the same numbers as ``wireless.costs``.
+
+A protocol whose round moves other traffic (SFPrompt: four cut crossings on pruned samples) hands
+the problem its own ``loads`` function; its round keeps the same form, so every solver runs on it
+unchanged, and the learning budget counts the values it quantizes (``Workload.budget_values``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 
 from sflam_jax import quant
 from sflam_jax.wireless.channel import Devices, SystemParams, rate_bps
-from sflam_jax.wireless.costs import Workload, round_loads, sflam_round_costs
+from sflam_jax.wireless.costs import Workload, loads_costs, round_loads, sflam_round_costs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,10 @@ class Problem:
         budget are array fields, so instances that differ only in them batch together.
       t_ref, e_ref: latency and energy at full power, equal bandwidth and 32 bits.
       w_t, w_e: objective weights; eps_q: learning budget.
+      counts: ``[S]`` samples n_k, for a protocol's ``loads`` (None with SFL-V1's loads).
+      loads: ``(devices, steps, up_bits, workload, params, down_bits, counts) -> {compute_s,
+        compute_j, up_bits, down_bits}``, the protocol's per-device ``A, C, D, H`` (static);
+        None: SFL-V1's (``wireless.costs.round_loads``).
     """
 
     devices: Devices
@@ -107,6 +116,8 @@ class Problem:
     workload: Workload = flax.struct.field(pytree_node=False)
     params: SystemParams = flax.struct.field(pytree_node=False)
     weights: BitsSpec = flax.struct.field(pytree_node=False)
+    counts: jax.Array | None = None
+    loads: Callable[..., dict] | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def num_devices(self) -> int:
@@ -129,25 +140,23 @@ def make_problem(
     workload: Workload,
     params: SystemParams,
     weights: Weights,
+    loads: Callable[..., dict] | None = None,
+    counts: jax.Array | None = None,
 ) -> Problem:
-    """Builds an instance; ``T_ref``, ``E_ref`` are at equal bandwidth, full power and 32 bits."""
+    """Builds an instance; ``T_ref``, ``E_ref`` are at equal bandwidth, full power and 32 bits.
+
+    ``loads`` (with the clients' sample ``counts``) replaces SFL-V1's per-device loads; see
+    ``Problem``.
+    """
     s = steps.shape[-1]
-    ref = sflam_round_costs(
-        devices,
-        steps,
-        jnp.full((s,), params.p_max_w),
-        jnp.full((s,), params.bandwidth_hz / s),
-        jnp.full((s,), float(quant.FLOAT_BITS)),
-        workload,
-        params,
-        weights.down_bits,
-    )
-    return Problem(
+    if loads is not None and counts is None:
+        raise ValueError("make_problem: a protocol's loads need the clients' sample counts")
+    problem = Problem(
         devices=devices,
         steps=jnp.asarray(steps, jnp.float32),
         rho=jnp.asarray(rho, jnp.float32),
-        t_ref=ref["round_latency_s"],
-        e_ref=ref["round_energy_j"],
+        t_ref=jnp.float32(1.0),  # set below, from the costs of this problem
+        e_ref=jnp.float32(1.0),
         w_t=jnp.float32(weights.w_t),
         w_e=jnp.float32(weights.w_e),
         eps_q=jnp.float32(weights.eps_q),
@@ -156,33 +165,47 @@ def make_problem(
         weights=BitsSpec(
             weights.bits_min, weights.bits_max, weights.value_range, weights.down_bits
         ),
+        counts=None if loads is None else jnp.asarray(counts, jnp.float32),
+        loads=loads,
     )
+    ref = _costs(
+        problem,
+        jnp.full((s,), params.p_max_w),
+        jnp.full((s,), params.bandwidth_hz / s),
+        jnp.full((s,), float(quant.FLOAT_BITS)),
+    )
+    return problem.replace(t_ref=ref["round_latency_s"], e_ref=ref["round_energy_j"])
 
 
 def link_loads(problem: Problem, bits: jax.Array) -> dict[str, jax.Array]:
     """The fixed-bits terms ``A_k, C_k, D_k, H_k`` of the module docstring (``[S]`` each)."""
-    return round_loads(
-        problem.devices,
-        problem.steps,
-        bits,
-        problem.workload,
-        problem.params,
-        problem.weights.down_bits,
+    args = (problem.devices, problem.steps, bits, problem.workload, problem.params)
+    if problem.loads is None:
+        return round_loads(*args, problem.weights.down_bits)
+    return problem.loads(*args, problem.weights.down_bits, counts=problem.counts)
+
+
+def _costs(problem: Problem, power_w, bandwidth_hz, bits) -> dict[str, jax.Array]:
+    if problem.loads is None:
+        # SFL-V1's own expression (the same numbers up to rounding; kept so runs stay bit-stable)
+        return sflam_round_costs(
+            problem.devices,
+            problem.steps,
+            power_w,
+            bandwidth_hz,
+            bits,
+            problem.workload,
+            problem.params,
+            problem.weights.down_bits,
+        )
+    return loads_costs(
+        link_loads(problem, bits), problem.devices, power_w, bandwidth_hz, problem.params
     )
 
 
 def evaluate(problem: Problem, allocation: Allocation) -> dict[str, jax.Array]:
     """Round costs of an allocation and its objective ``w_T T/T_ref + w_E E/E_ref``."""
-    costs = sflam_round_costs(
-        problem.devices,
-        problem.steps,
-        allocation.power_w,
-        allocation.bandwidth_hz,
-        allocation.bits,
-        problem.workload,
-        problem.params,
-        problem.weights.down_bits,
-    )
+    costs = _costs(problem, allocation.power_w, allocation.bandwidth_hz, allocation.bits)
     objective = (
         problem.w_t * costs["round_latency_s"] / problem.t_ref
         + problem.w_e * costs["round_energy_j"] / problem.e_ref
@@ -194,7 +217,7 @@ def evaluate(problem: Problem, allocation: Allocation) -> dict[str, jax.Array]:
 def quant_budget_used(problem: Problem, bits: jax.Array) -> jax.Array:
     """``sum_k rho_k delta(b_k)`` (SPEC sections 2 and 4)."""
     wts = problem.weights
-    delta = quant.error_proxy(bits, problem.workload.values_per_sample, wts.value_range)
+    delta = quant.error_proxy(bits, problem.workload.budget_values, wts.value_range)
     return jnp.sum(problem.rho * delta, axis=-1)
 
 
@@ -206,7 +229,7 @@ def smallest_bits(problem: Problem) -> jax.Array:
     """
     wts = problem.weights
     candidates = jnp.arange(wts.bits_min, wts.bits_max + 1, dtype=jnp.float32)
-    delta = quant.error_proxy(candidates, problem.workload.values_per_sample, wts.value_range)
+    delta = quant.error_proxy(candidates, problem.workload.budget_values, wts.value_range)
     ok = delta <= problem.eps_q
     b = jnp.where(jnp.any(ok), candidates[jnp.argmax(ok)], float(wts.bits_max))
     return jnp.full(problem.steps.shape, b)

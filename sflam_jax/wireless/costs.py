@@ -31,6 +31,12 @@ class Workload:
     batch_size: int
     server_params: int = 0
 
+    @property
+    def budget_values(self) -> int:
+        """Values per sample the device quantizes, the Gamma of the learning budget
+        ``sum_k rho_k delta(b_k)`` (SPEC section 4): the smashed data at the cut."""
+        return self.values_per_sample
+
 
 def step_terms(
     devices: Devices,
@@ -148,6 +154,23 @@ def sflam_round_costs(
     compute_energy = compute_energy_j(steps, t, devices, params)
     comm_energy = power_w * (steps * t_up + t_agg_up)
     return _totals(compute_s, comm_s, compute_energy, comm_energy)
+
+
+def loads_costs(
+    loads: dict, devices: Devices, power_w, bandwidth_hz, params: SystemParams
+) -> dict[str, jax.Array]:
+    """Latency and energy of a round given as per-device loads (``round_loads``' keys): ``T_k =
+    A_k + D_k / r_up + H_k / r_dn`` and ``E_k = C_k + p_k D_k / r_up``, keys as
+    ``sflam_round_costs``. The allocation problem's form for a protocol with its own traffic."""
+    n0 = params.noise_w_per_hz
+    r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
+    r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
+    return _totals(
+        loads["compute_s"],
+        loads["up_bits"] / r_up + loads["down_bits"] / r_dn,
+        loads["compute_j"],
+        power_w * loads["up_bits"] / r_up,
+    )
 
 
 def _totals(compute_s, comm_s, compute_energy, comm_energy, serial=False):
