@@ -19,20 +19,28 @@ WORK = costs.Workload(
 )
 
 
-def make_instances(key, num, s, w_t=None):
-    """``num`` random instances with S devices, random steps, and (unless given) random w_T."""
+def make_batch(key, num, s, w_t=None):
+    """``num`` random instances with S devices and random steps as one batched problem (leading
+    axis ``num``, built in one vmapped call), with random w_T unless given."""
     keys = jax.random.split(key, num)
-    w_ts = np.asarray(
-        jax.random.uniform(jax.random.fold_in(key, 7), (num,), minval=0.05, maxval=0.95)
-    )
-    problems = []
-    for i, k in enumerate(keys):
+    if w_t is None:
+        w_ts = jax.random.uniform(jax.random.fold_in(key, 7), (num,), minval=0.05, maxval=0.95)
+    else:
+        w_ts = jnp.full((num,), w_t, jnp.float32)
+
+    def one(k):
         devices = channel.draw_devices(k, s, PARAMS)
         steps = jax.random.randint(jax.random.fold_in(k, 1), (s,), 1, 100).astype(jnp.float32)
-        wt = float(w_ts[i]) if w_t is None else w_t
-        weights = pb.Weights(w_t=wt, w_e=1.0 - wt)
-        problems.append(pb.make_problem(devices, steps, steps / steps.sum(), WORK, PARAMS, weights))
-    return problems
+        return pb.make_problem(devices, steps, steps / steps.sum(), WORK, PARAMS, pb.Weights())
+
+    batch = jax.jit(jax.vmap(one))(keys)
+    return batch.replace(w_t=w_ts, w_e=1.0 - w_ts)
+
+
+def make_instances(key, num, s, w_t=None):
+    """The instances of ``make_batch`` one by one."""
+    batch = make_batch(key, num, s, w_t)
+    return [jax.tree.map(lambda x, i=i: x[i], batch) for i in range(num)]
 
 
 def test_exact_matches_brute_force_grid():
@@ -82,9 +90,8 @@ def test_pgd_within_tenth_of_a_percent_of_exact_on_500_instances():
     gaps = []
     for i, s in enumerate(SIZES):
         num = 500 // len(SIZES) + (1 if i < 500 % len(SIZES) else 0)
-        problems = make_instances(jax.random.key(100 + s), num, s)
+        batch = make_batch(jax.random.key(100 + s), num, s)
         bits = jax.random.randint(jax.random.key(s), (num, s), 2, 17).astype(jnp.float32)
-        batch = jax.tree.map(lambda *xs: jnp.stack(xs), *problems)
         _, ref = exact.allocate(batch, bits)
         assert bool(jnp.all(ref["feasible"]))
         allocations, diag = jax.jit(jax.vmap(lambda p, b: pgd.allocate(p, b)))(batch, bits)
@@ -110,8 +117,7 @@ def test_bcd_never_increases_the_objective_and_meets_the_budget():
     from sflam_jax.allocation import bcd
 
     for s in (2, 7, 40):
-        problems = make_instances(jax.random.key(300 + s), 6, s)
-        batch = jax.tree.map(lambda *xs: jnp.stack(xs), *problems)
+        batch = make_batch(jax.random.key(300 + s), 6, s)
         allocations, diag = jax.jit(jax.vmap(lambda p: bcd.allocate(p)))(batch)
         history = np.asarray(diag["history"])
         assert np.all(np.diff(history, axis=1) <= 1e-7 * history[:, :-1])
@@ -124,8 +130,7 @@ def test_pgd_and_bcd_with_free_bits_meet_the_budget_and_beat_equal():
 
     for s in (3, 12, 60):
         # A tight budget: the smallest uniform bits that meet it are well above bits_min.
-        problems = make_instances(jax.random.key(400 + s), 5, s)
-        batch = jax.tree.map(lambda *xs: jnp.stack(xs), *problems)
+        batch = make_batch(jax.random.key(400 + s), 5, s)
         for solver in (pgd.allocate, bcd.allocate):
             allocations, diag = jax.jit(jax.vmap(lambda p, f=solver: f(p)))(batch)
             assert bool(jnp.all(diag["feasible"]))

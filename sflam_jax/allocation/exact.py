@@ -111,7 +111,11 @@ def _solve_fixed_bits(problem: Problem, bits):
 
     t_hi = jnp.maximum(objective(t_eq) * t_ref / problem.w_t, t_eq)
 
-    lo, hi = golden_section(objective, t_min, t_hi, 60)
+    # 40 steps shrink the bracket to 4e-9 of its width: a golden-section search cannot resolve a
+    # minimum more finely than sqrt(float64 eps) ~ 1e-8 anyway (the objective is flat there), and
+    # the objective's error is quadratic in the deadline's (60 steps changed no objective by more
+    # than float32 rounding on 500 test instances).
+    lo, hi = golden_section(objective, t_min, t_hi, 40)
     deadline = 0.5 * (lo + hi)
     beta = dev.bandwidth_at_deadline(deadline)
     power = jnp.minimum(dev.power(beta, deadline), dev.p_max)
