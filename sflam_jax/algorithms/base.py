@@ -342,6 +342,57 @@ def check_health(health, clients, round_index: int) -> None:
     )
 
 
+def fedavg_in_chunks(train_chunk: Callable, plan: dict, rows_of: Callable, chunk_size: int, like):
+    """Trains the S planned clients a chunk at a time and sums their results for FedAvg: the
+    loop of a protocol that trains its clients side by side itself (``parallel = False``).
+
+    Args:
+      train_chunk: ``(chunk) -> (trees [C, ...], stats [C, 3], weights [C], flags [C, 3],
+        computed steps)`` for a dict ``chunk`` of the plan's ``[S]`` entries at the chunk's C
+        clients plus their ``rows``; an empty slot (past S) has count 0 and float bits.
+      plan: the round's plan (``engine.Engine.round_plan``), ``[S]`` arrays.
+      rows_of: ``[C]`` client ids -> their ``ClientRows [C, L, ...]``.
+      chunk_size: C (0: all S at once).
+      like: a tree of the summed results' shapes (one client's).
+
+    Returns:
+      ``(weighted sums, stats [3], total weight, health [3, S], computed steps)``.
+    """
+    s = plan["counts"].shape[0]
+    c = min(chunk_size or s, s)
+    slots = jnp.arange(-(-s // c) * c, dtype=jnp.int32).reshape(-1, c)
+
+    def chunk(acc, where):
+        total, stats, weight, health, computed = acc
+        taken = where < s
+        at = jnp.minimum(where, s - 1)
+        batch = {k: v[at] for k, v in plan.items() if k != "slots"}
+        batch["counts"] = jnp.where(taken, batch["counts"], 0)
+        batch["up_bits"] = jnp.where(taken, batch["up_bits"], float(quant.FLOAT_BITS))
+        batch["rows"] = rows_of(batch["clients"])
+        trees, client_stats, w, flags, steps = train_chunk(batch)
+        w = w.astype(jnp.float32)
+        total = jax.tree.map(lambda t, x: t + jnp.tensordot(w, x, axes=1), total, trees)
+        health = health.at[jnp.where(taken, where, s)].set(flags, mode="drop")
+        return (
+            total,
+            stats + jnp.sum(client_stats, axis=0),
+            weight + jnp.sum(w),
+            health,
+            computed + steps,
+        ), None
+
+    start = (
+        jax.tree.map(jnp.zeros_like, like),
+        jnp.zeros((3,), jnp.float32),
+        jnp.zeros((), jnp.float32),
+        jnp.ones((s, 3), bool),
+        jnp.zeros((), jnp.int32),
+    )
+    total, stats, weight, health, computed = jax.lax.scan(chunk, start, slots)[0]
+    return total, stats, weight, health.T, computed
+
+
 def average_or_keep(totals, weight: jax.Array, old):
     """``totals / weight`` leaf by leaf, or ``old`` when the weight is 0 (a round whose sampled
     clients hold no samples leaves the global model as it was)."""

@@ -40,6 +40,7 @@ from sflam_jax.algorithms.base import (
     RoundState,
     SplitTraining,
     average_or_keep,
+    fedavg_in_chunks,
     finite_per_client,
     masked_cross_entropy,
 )
@@ -244,61 +245,38 @@ class PromptTuning(SplitTraining):
         server segment is the state's own.
         """
         model: UShape = self.model
-        s = plan["counts"].shape[0]
         trainable = model.pick(state.params_c, model.trainable_keys)
         frozen = model.pick(state.params_c, model.frozen_keys)
         first_round = state.round == 0
-        c = min(self.chunk_size or s, s)
-        chunks = -(-s // c)
-        slots = jnp.arange(chunks * c, dtype=jnp.int32).reshape(chunks, c)
         train = jax.vmap(self.train_client, in_axes=(None, None, None, 0, 0, 0, 0, None))
 
-        def chunk(acc, where):
-            total, stats, weight, health, computed = acc
-            taken = where < s
-            at = jnp.minimum(where, s - 1)
-            counts = jnp.where(taken, plan["counts"][at], 0)
-            bits = jnp.where(taken, plan["up_bits"][at], float(FLOAT_BITS))
+        def chunk(batch):
             new, client_stats, kept = train(
                 trainable,
                 frozen,
                 state.params_s,
-                rows_of(plan["clients"][at]),
-                counts,
-                bits,
-                plan["keys"][at],
+                batch["rows"],
+                batch["counts"],
+                batch["up_bits"],
+                batch["keys"],
                 first_round,
             )
-            w = kept.astype(jnp.float32)
-            total = jax.tree.map(lambda t, x: t + jnp.tensordot(w, x, axes=1), total, new)
             flags = jnp.stack(
                 [
                     jnp.isfinite(client_stats[:, 0]),
                     finite_per_client(new),
-                    jnp.ones((c,), bool),  # the body is never updated
+                    jnp.ones(kept.shape, bool),  # the body is never updated
                 ],
                 axis=1,
             )
-            health = health.at[jnp.where(taken, where, s)].set(flags, mode="drop")
-            steps = jnp.max(local_steps(kept, self.batch_size, self.local_epochs)) * c
-            return (
-                total,
-                stats + jnp.sum(client_stats, axis=0),
-                weight + jnp.sum(w),
-                health,
-                computed + steps,
-            ), None
+            steps = jnp.max(local_steps(kept, self.batch_size, self.local_epochs)) * kept.shape[0]
+            return new, client_stats, kept, flags, steps
 
-        start = (
-            jax.tree.map(jnp.zeros_like, trainable),
-            jnp.zeros((3,), jnp.float32),
-            jnp.zeros((), jnp.float32),
-            jnp.ones((s, 3), bool),
-            jnp.zeros((), jnp.int32),
+        total, stats, weight, health, computed = fedavg_in_chunks(
+            chunk, plan, rows_of, self.chunk_size, trainable
         )
-        total, stats, weight, health, computed = jax.lax.scan(chunk, start, slots)[0]
         params_c = {**state.params_c, **average_or_keep(total, weight, trainable)}
-        return params_c, state.params_s, stats, health.T, computed
+        return params_c, state.params_s, stats, health, computed
 
 
 # -- costs ----------------------------------------------------------------------------------
