@@ -42,6 +42,7 @@ from sflam_jax.algorithms.base import (
     sample_clients,
     weighted_sum,
 )
+from sflam_jax.allocation.planner import PLAN_ENTRIES
 from sflam_jax.data.batches import ClientData, IndexedRows, gather_rows, local_steps
 
 SCHEDULES = ("lanes", "chunks")
@@ -128,6 +129,8 @@ class Engine:
             "up_bits": bits.astype(jnp.float32),
             "keys": jax.vmap(lambda c: jax.random.fold_in(train_key, c))(clients),
         }
+        # Per-client decisions of the planner beyond the bits (per-device cuts).
+        plan.update(system.pop(PLAN_ENTRIES, {}))
         if GROUP_SLOTS in system:
             # The planner's grouping of the clients (GSFL), which its costs were computed for.
             plan["slots"] = system.pop(GROUP_SLOTS)

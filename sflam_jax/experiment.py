@@ -18,7 +18,13 @@ import numpy as np
 
 from sflam_jax import quant
 from sflam_jax.algorithms import registry
-from sflam_jax.algorithms.base import Preprocess, Protocol, RoundState, make_optimizer
+from sflam_jax.algorithms.base import (
+    Preprocess,
+    Protocol,
+    RoundState,
+    make_optimizer,
+    optimizer_slots,
+)
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.planner import RoundPlanner
 from sflam_jax.allocation.problem import Weights
@@ -103,14 +109,12 @@ def build_model(config, dataset: Dataset, key: jax.Array):
     if protocol.build is not None:
         # The protocol's own split of the architecture (SFPrompt's U-shape).
         return model_cfg, protocol.build(config, model_cfg), params, preprocess
-    dg = None
-    if config.aqt.enabled and protocol.aqt:
-        dg = quant.aqt_dot_general_cls(config.aqt.fwd_bits or None, config.aqt.bwd_bits or None)
+    client_dg, server_dg = quant.segment_dot_generals(config.aqt, protocol.aqt)
     model = split_lib.split(
         model_cfg,
         config.model.cut_layer,
-        client_dot_general_cls=dg if config.aqt.client else None,
-        server_dot_general_cls=dg if config.aqt.server else None,
+        client_dot_general_cls=client_dg,
+        server_dot_general_cls=server_dg,
     )
     return model_cfg, model, params, preprocess
 
@@ -157,7 +161,8 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         own_c, own_s = model.segments(split_lib.merge_params(params_c, params_s), jax.random.key(0))
         workload = protocol.workload(model, own_c, own_s, workload, config)
     free_bits = protocol.optimizes_bits and config.allocation.optimize_bits
-    return RoundPlanner(
+    planner = protocol.bind(protocol.planner or RoundPlanner, config)
+    return planner(
         method=config.allocation.method,
         workload=workload,
         params=system_params(config),
@@ -190,7 +195,7 @@ def device_memory(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         model_cfg.channels,
     )
     client = split_lib.split(model_cfg, config.model.cut_layer)
-    slots = 2 if config.optimizer.name in ("adam", "adamw") else int(config.optimizer.momentum > 0)
+    slots = optimizer_slots(config.optimizer)
     act_c = split_lib.activation_bytes(client.client_apply, params_c, batch)
     # FL trains the unsplit model on the device.
     act_fl = split_lib.activation_bytes(

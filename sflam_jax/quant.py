@@ -188,3 +188,12 @@ def aqt_dot_general_cls(fwd_bits: int | None, bwd_bits: int | None) -> Callable 
         use_stochastic_rounding=bwd_bits is not None,
     )
     return functools.partial(aqt_flax.AqtDotGeneral, cfg)
+
+
+def segment_dot_generals(aqt_cfg, allowed: bool = True) -> tuple[Callable | None, Callable | None]:
+    """``(client, server)`` matmul injections of a split model from ``config.aqt``: AQT on the
+    segments it names when enabled (and ``allowed`` by the protocol), else float (None)."""
+    if not (allowed and aqt_cfg.enabled):
+        return None, None
+    dg = aqt_dot_general_cls(aqt_cfg.fwd_bits or None, aqt_cfg.bwd_bits or None)
+    return (dg if aqt_cfg.client else None), (dg if aqt_cfg.server else None)

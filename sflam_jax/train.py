@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -145,6 +146,14 @@ def train_and_evaluate(
             metrics = jax.device_get(metrics)
             # Stops before anything of this round is written; the last checkpoint stays good.
             check_health(metrics.pop(HEALTH), metrics["clients"], r + 1)
+            short = int(metrics.get("memory_infeasible_device", -1))
+            if short >= 0 and primary:
+                tqdm.write(
+                    f"round {r + 1}: the memory of client {int(metrics['clients'][short])} fits "
+                    "no candidate cut (esfl.cuts, esfl.memory_*_bytes); it trained at the "
+                    "least-memory cut",
+                    file=sys.stderr,
+                )
             t1 = time.perf_counter()
             record = {"round": r + 1, **metrics}
             done = r + 1 == config.num_rounds

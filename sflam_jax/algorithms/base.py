@@ -82,6 +82,9 @@ class Protocol:
         compute_j, up_bits, down_bits}``, the per-device loads of its round in the allocation
         problem's form (``T = A + D / r_up + H / r_dn``, ``E = C + p D / r_up``), so every
         allocator runs on its traffic; None: SFL-V1's (``wireless.costs.round_loads``).
+      planner: its round planner class when it decides more than power, bandwidth and bits
+        (ESFL's ``allocation.planner.CutPlanner``: cuts and server shares), built with
+        ``RoundPlanner``'s fields and the options its fields name; None: ``RoundPlanner``.
     """
 
     name: str
@@ -101,6 +104,7 @@ class Protocol:
     build: Callable[..., Any] | None = None
     workload: Callable[..., Any] | None = None
     loads: Callable[..., dict] | None = None
+    planner: type | None = None
 
     def bind(self, fn: Callable, config) -> Callable:
         """``fn`` (``make`` or ``cost_model``) with the protocol's options for ``config`` that
@@ -182,6 +186,14 @@ def make_optimizer(opt_cfg, learning_rate=None) -> optax.GradientTransformation:
     return optax.multi_transform(
         {"body": _optimizer(opt_cfg, lr), "head": _optimizer(opt_cfg, lr * scale)}, labels
     )
+
+
+def optimizer_slots(opt_cfg) -> int:
+    """Optimizer states per parameter of ``config.optimizer`` (device memory): 2 for Adam, 1 for
+    SGD with momentum, 0 for plain SGD."""
+    if opt_cfg.name in ("adam", "adamw"):
+        return 2
+    return int(opt_cfg.momentum > 0)
 
 
 def _optimizer(opt_cfg, lr) -> optax.GradientTransformation:

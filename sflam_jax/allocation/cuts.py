@@ -23,6 +23,8 @@ cuts stop moving.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 from sflam_jax import quant
 from sflam_jax.allocation.search import bisect
 from sflam_jax.wireless.channel import Devices, SystemParams, rate_bps
+from sflam_jax.wireless.costs import Workload
 
 
 @flax.struct.dataclass
@@ -55,6 +58,30 @@ class CutTable:
     @property
     def size(self) -> int:
         return self.cut.shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class CutWorkload(Workload):
+    """``Workload`` at the config's cut (for the comparison protocols) plus every candidate
+    cut's costs, from XLA's cost and memory analyses (tuples in cut order, see ``CutTable``)."""
+
+    cuts: tuple[int, ...] = ()
+    cut_client_flops: tuple[float, ...] = ()
+    cut_server_flops: tuple[float, ...] = ()
+    cut_values: tuple[int, ...] = ()
+    cut_client_params: tuple[int, ...] = ()
+    cut_memory_bytes: tuple[float, ...] = ()
+
+    def table(self) -> CutTable:
+        f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+        return CutTable(
+            cut=jnp.asarray(self.cuts, jnp.int32),
+            client_flops=f32(self.cut_client_flops),
+            server_flops=f32(self.cut_server_flops),
+            values=f32(self.cut_values),
+            client_params=f32(self.cut_client_params),
+            memory_bytes=f32(self.cut_memory_bytes),
+        )
 
 
 @flax.struct.dataclass

@@ -10,12 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sflam_jax.allocation import IN_GRAPH
+from sflam_jax.allocation import IN_GRAPH, cuts
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.problem import Weights, evaluate, make_problem
 from sflam_jax.quant import FLOAT_BITS
 from sflam_jax.wireless.channel import SystemParams, draw_devices
 from sflam_jax.wireless.costs import Workload
+
+# Planner metrics key of a dict of ``[S]`` per-client entries the engine moves into the round's
+# plan (a per-device cut planner's ``cuts``).
+PLAN_ENTRIES = "plan"
 
 
 def _parameters(fn) -> set[str]:
@@ -138,6 +142,88 @@ class RoundPlanner:
             out[f"{name}_round_latency_s"] = c["round_latency_s"]
             out[f"{name}_round_energy_j"] = c["round_energy_j"]
         return out
+
+
+# Solvers of the per-device cut problem (``allocation.cuts``) that run inside the jitted round.
+CUT_SOLVERS = ("esfl_exact", "esfl_ao")
+# The round key's stream of the devices' memory limits (separate from the channel draw).
+_MEMORY_STREAM = 0x3E3
+
+
+@dataclasses.dataclass(frozen=True)
+class CutPlanner(RoundPlanner):
+    """The planner of a protocol with per-device cuts and server shares (ESFL, SPEC 6.2).
+
+    Besides the channel it draws each device's memory limit, then chooses cuts and server shares
+    (``allocation.cuts``; equal bandwidth, full power, the config's bits) and costs the round at
+    them. ``workload`` is a ``cuts.CutWorkload``; the chosen cuts (layers) join the round's plan.
+
+    Attributes (besides ``RoundPlanner``'s):
+      memory_bytes: ``(low, high)``, each device's training memory ``~ U[low, high]``.
+      alternations: rounds of ``esfl_ao``.
+    """
+
+    memory_bytes: tuple[float, float] = (2.0**30, 2.0**30)
+    alternations: int = 10
+
+    def __post_init__(self):
+        if self.method not in CUT_SOLVERS:
+            raise ValueError(
+                f"allocation.method={self.method!r} is unknown for per-device cuts; allowed: "
+                f"{list(CUT_SOLVERS)}"
+            )
+
+    def problem(self, key: jax.Array, steps: jax.Array) -> cuts.CutProblem:
+        """The round's instance: the devices' channels, clocks and memory limits."""
+        s = steps.shape[0]
+        low, high = self.memory_bytes
+        memory = jax.random.uniform(
+            jax.random.fold_in(key, _MEMORY_STREAM), (s,), minval=low, maxval=high
+        )
+        return cuts.CutProblem(
+            devices=draw_devices(key, s, self.params),
+            memory_bytes=memory,
+            steps=jnp.asarray(steps, jnp.float32),
+            table=self.workload.table(),
+            batch_size=self.workload.batch_size,
+            down_bits=self.weights.down_bits,
+            params=self.params,
+        )
+
+    def __call__(self, key: jax.Array, steps: jax.Array, counts: jax.Array):
+        """As ``RoundPlanner.__call__``; the metrics add the cuts' statistics, the server
+        shares' range and ``memory_infeasible_device`` (the first device, by its position in the
+        round's sample, whose memory fits no candidate cut; -1: none), and ``PLAN_ENTRIES``
+        hands the cuts (``[S]`` layers) to the training."""
+        del counts
+        s = steps.shape[0]
+        problem = self.problem(key, steps)
+        bits = jnp.full((s,), float(self.fixed_bits), jnp.float32)
+        if self.method == "esfl_exact":
+            allocation, diag = cuts.exact(problem, bits)
+        else:
+            allocation, diag = cuts.alternate(problem, bits, rounds=self.alternations)
+        costs = cuts.round_costs(problem, allocation)
+        layers = problem.table.cut[allocation.cut]
+        slowest = jnp.argmax(costs["latency_s"])
+        metrics = {
+            "round_latency_s": costs["round_latency_s"],
+            "round_energy_j": costs["round_energy_j"],
+            "round_compute_s": costs["compute_s"][slowest],
+            "round_comm_s": costs["comm_s"][slowest],
+            "round_compute_energy_j": jnp.sum(costs["compute_energy_j"]),
+            "round_comm_energy_j": jnp.sum(costs["comm_energy_j"]),
+            "bits_mean": jnp.mean(allocation.bits),
+            "cut_mean": jnp.mean(layers.astype(jnp.float32)),
+            "cut_min": jnp.min(layers),
+            "cut_max": jnp.max(layers),
+            "server_share_min": jnp.min(allocation.server_flops) / self.params.server_flops,
+            "server_share_max": jnp.max(allocation.server_flops) / self.params.server_flops,
+            "memory_infeasible_device": diag["infeasible_device"],
+            PLAN_ENTRIES: {"cuts": layers},
+        }
+        metrics.update(self.comparison_costs(problem.devices, steps))
+        return allocation.bits, metrics
 
 
 def sweep(

@@ -47,6 +47,62 @@ class SplitModel:
         return self.server_apply(params_s, self.client_apply(params_c, images, key), key)
 
 
+@dataclasses.dataclass(frozen=True)
+class VariableCut:
+    """A ViT whose cut differs from client to client (ESFL): the whole model runs as one forward,
+    the cut-layer ``link`` is applied at the client's own block boundary and the blocks before it
+    use the device's matmuls, so clients with different cuts share one compiled program.
+
+    The global model is kept split at ``cut_layer`` (checkpoints, evaluation and the comparison
+    protocols see the usual segments).
+
+    Attributes:
+      cfg: the architecture.
+      cut_layer: where the global parameters are split.
+      client_dot_general_cls, server_dot_general_cls: matmul injections of the device's and the
+        server's blocks (None: float); the embedding is the device's, the head the server's.
+    """
+
+    cfg: ViTConfig
+    cut_layer: int
+    client_dot_general_cls: Callable | None = None
+    server_dot_general_cls: Callable | None = None
+
+    def segments(self, params: dict, key=None) -> tuple[dict, dict]:
+        del key
+        return split_params(params, self.cut_layer, self.cfg.depth)
+
+    def apply(self, params: dict, images: jax.Array, cut, link: Callable, key=None) -> jax.Array:
+        """Logits of the whole model (``params``: the full tree) with the device holding the
+        embedding and blocks ``[0, cut)``; ``link(x)`` is what the server receives at the cut
+        (the identity for the model itself). ``cut`` may be traced (``[0, depth]``)."""
+        cfg = self.cfg
+        keys = _segment_keys(key, cfg.depth + 2)
+        client_dg, server_dg = self.client_dot_general_cls, self.server_dot_general_cls
+        embed = Embedding(cfg, client_dg)
+        device_block, server_block = Block(cfg, client_dg), Block(cfg, server_dg)
+        x = embed.apply({"params": params["embedding"]}, images, rngs=_rngs(keys[0]))
+        for i, name in enumerate(block_names(cfg.depth)):
+            x = jnp.where(cut == i, link(x), x)
+            variables, rngs = {"params": params[name]}, _rngs(keys[i + 1])
+            if client_dg is server_dg:
+                x = device_block.apply(variables, x, rngs=rngs)
+            else:  # both matmul kinds, the client's own kept
+                on_device = device_block.apply(variables, x, rngs=rngs)
+                x = jnp.where(i < cut, on_device, server_block.apply(variables, x, rngs=rngs))
+        x = jnp.where(cut == cfg.depth, link(x), x)
+        head = Head(cfg, server_dg)
+        return head.apply({"params": params["head"]}, x, rngs=_rngs(keys[-1]))
+
+    def logits(self, params_c: dict, params_s: dict, images: jax.Array, key=None) -> jax.Array:
+        """The global model's logits at ``cut_layer``, without the link."""
+        return self.apply(merge_params(params_c, params_s), images, self.cut_layer, _same, key)
+
+
+def _same(x):
+    return x
+
+
 def client_keys(cut_layer: int) -> list[str]:
     return ["embedding", *block_names(cut_layer)]
 

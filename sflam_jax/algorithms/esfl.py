@@ -1,0 +1,252 @@
+"""ESFL: per-device cut layers and server compute shares (SPEC section 6.2).
+
+Device k holds the embedding and blocks ``[0, l_k)`` with its own cut ``l_k`` from a candidate
+set (``esfl.cuts``; default every block boundary); its server copy holds the rest (SFL-V1). Each
+round the planner chooses the cuts and the server's per-device compute shares from the devices'
+clocks, channels and memory limits (``allocation.cuts``: ``esfl_exact``, the global optimum of
+ESFL's problem by bisection on the deadline, or ``esfl_ao``, the paper's alternating
+optimisation), and the devices train at those cuts.
+
+Training: every client runs SFL-V1's local training at its own cut, written as one forward of the
+whole model with the cut-layer channel (``quant.cut_layer_channel``: the uplink at the device's
+bits, the gradient downlink at ``quant.down_bits``) applied at the client's block boundary and
+the device's matmuls (AQT per ``aqt.*``) on the blocks before it, so clients with different cuts
+share one compiled program (``models.split.VariableCut``). The device and server optimizers are
+elementwise, so one optimizer over the whole model is SFL-V1's pair of them. FedAvg of the full
+models (client part + its server copy) by samples. Without quantization (32-bit traffic, float
+matmuls) the training does not depend on the cuts: they change latency, energy and memory only.
+
+``jax.vmap`` over clients, ``train.chunk_size`` at once (0: all S), a masked step loop up to the
+chunk's largest ``tau_k``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sflam_jax import quant
+from sflam_jax.algorithms.base import (
+    Protocol,
+    RoundState,
+    SplitTraining,
+    average_or_keep,
+    fedavg_in_chunks,
+    finite_per_client,
+    masked_cross_entropy,
+    optimizer_slots,
+)
+from sflam_jax.allocation.cuts import CutWorkload
+from sflam_jax.allocation.planner import CUT_SOLVERS, CutPlanner
+from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
+from sflam_jax.errors import ConfigError
+from sflam_jax.models import split as split_lib
+from sflam_jax.models.split import VariableCut
+from sflam_jax.wireless.costs import Workload, device_memory_bytes, sflam_round_costs
+
+
+def config_block() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # candidate cut layers (a tuple of blocks on the device); None = every boundary 0..depth
+    c.cuts = ml_collections.config_dict.placeholder(tuple)
+    c.memory_min_bytes = 2.0**30  # device training memory ~ U[min, max]
+    c.memory_max_bytes = 2.0**30
+    c.alternations = 10  # rounds of the esfl_ao solver
+    return c
+
+
+def validate(cfg) -> None:
+    e = cfg.esfl
+    low, high = e.memory_min_bytes, e.memory_max_bytes
+    for field, value in (("memory_min_bytes", low), ("memory_max_bytes", high)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"esfl.{field}={value!r} is invalid: must be a number of bytes > 0")
+    if low > high:
+        raise ConfigError(
+            f"esfl.memory_min_bytes={low!r} is invalid: must be <= esfl.memory_max_bytes={high!r}"
+        )
+    rounds = e.alternations
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"esfl.alternations={rounds!r} is invalid: must be an integer >= 1")
+    if not cfg.model.pretrained:
+        from sflam_jax.models.vit import PRESETS
+
+        candidates(cfg, PRESETS[cfg.model.preset][1])
+
+
+def candidates(cfg, depth: int) -> tuple[int, ...]:
+    """The candidate cuts of ``esfl.cuts`` (sorted, distinct), checked against ``depth``."""
+    if cfg.esfl.cuts is None:
+        return tuple(range(depth + 1))
+    cuts = tuple(cfg.esfl.cuts)
+    if not cuts:
+        raise ConfigError(
+            "esfl.cuts=() is invalid: the candidate set is empty; give at least one cut layer, "
+            "or None for every block boundary"
+        )
+    bad = [c for c in cuts if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= depth]
+    if bad:
+        source = cfg.model.pretrained or f"model.preset={cfg.model.preset!r}"
+        raise ConfigError(
+            f"esfl.cuts={cuts!r} is invalid: {bad[0]!r} is not a cut layer of {source}; allowed: "
+            f"integers in [0, {depth}] (blocks on the device)"
+        )
+    return tuple(sorted(set(cuts)))
+
+
+def options(cfg) -> dict:
+    e = cfg.esfl
+    return {
+        "chunk_size": cfg.train.chunk_size,
+        "memory_bytes": (float(e.memory_min_bytes), float(e.memory_max_bytes)),
+        "alternations": e.alternations,
+    }
+
+
+def build(cfg, model_cfg) -> VariableCut:
+    """The whole model with a per-client cut; the global state is split at ``model.cut_layer``."""
+    candidates(cfg, model_cfg.depth)
+    client_dg, server_dg = quant.segment_dot_generals(cfg.aqt)
+    return VariableCut(model_cfg, cfg.model.cut_layer, client_dg, server_dg)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerDeviceCuts(SplitTraining):
+    """ESFL local training (module docstring); fields as ``SplitTraining`` plus ``chunk_size``
+    (clients vmapped at once, 0: all). ``model`` is a ``VariableCut``; the plan's ``cuts`` (``[S]``
+    layers) say where each client's link sits (default: the model's ``cut_layer``)."""
+
+    chunk_size: int = 0
+    parallel = False
+
+    def loss(self, params, images, labels, mask, up_bits, cut, key):
+        """Masked mean loss of one batch through the whole model with the link at ``cut``."""
+        # The key layout of ``SplitTraining.client_loss``: device, link, server.
+        k_model, k_link, _ = jax.random.split(key, 3)
+
+        def link(x):
+            return quant.cut_layer_channel(x, up_bits, self.down_bits, k_link)
+
+        logits = self.model.apply(params, self.preprocess(images), cut, link, k_model)
+        loss, total, correct = masked_cross_entropy(logits, labels, mask)
+        return loss, (total, correct)
+
+    def train_client(self, params, rows: ClientRows, count, up_bits, cut, key):
+        """One client's round from the global model: ``tau_k`` masked steps. Returns
+        ``(params, stats [3])`` (summed loss, correct predictions, samples seen)."""
+        order_key, step_key = jax.random.split(key)
+        orders = epoch_orders(order_key, count, rows.labels.shape[0], self.local_epochs)
+
+        def step(t, carry):
+            params, opt, stats = carry
+            images, labels, mask = client_batch(rows, count, orders, t, self.batch_size)
+            (_, (total, correct)), grads = jax.value_and_grad(self.loss, has_aux=True)(
+                params, images, labels, mask, up_bits, cut, jax.random.fold_in(step_key, t)
+            )
+            updates, new_opt = self.optimizer.update(grads, opt, params)
+            active = jnp.any(mask)
+            new = (optax.apply_updates(params, updates), new_opt)
+            params, opt = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, (params, opt))
+            n = jnp.sum(mask.astype(jnp.float32))
+            return params, opt, stats + jnp.stack([total, correct, n])
+
+        steps = local_steps(count, self.batch_size, self.local_epochs)
+        carry = (params, self.optimizer.init(params), jnp.zeros((3,), jnp.float32))
+        params, _, stats = jax.lax.fori_loop(0, steps, step, carry)
+        return params, stats
+
+    def train_sequence(self, state: RoundState, plan: dict, rows_of):
+        """The S clients in chunks at their cuts and the FedAvg of the full models.
+
+        Returns ``(params_c, params_s, stats [3], health [3, S], computed steps)``.
+        """
+        model: VariableCut = self.model
+        whole = split_lib.merge_params(state.params_c, state.params_s)
+        s = plan["counts"].shape[0]
+        plan = {"cuts": jnp.full((s,), model.cut_layer, jnp.int32), **plan}
+        train = jax.vmap(self.train_client, in_axes=(None, 0, 0, 0, 0, 0))
+
+        def chunk(batch):
+            new, stats = train(
+                whole,
+                batch["rows"],
+                batch["counts"],
+                batch["up_bits"],
+                batch["cuts"],
+                batch["keys"],
+            )
+            params_c, params_s = jax.vmap(model.segments)(new)
+            flags = jnp.stack(
+                [
+                    jnp.isfinite(stats[:, 0]),
+                    finite_per_client(params_c),
+                    finite_per_client(params_s),
+                ],
+                axis=1,
+            )
+            counts = batch["counts"]
+            steps = jnp.max(local_steps(counts, self.batch_size, self.local_epochs))
+            return new, stats, counts, flags, steps * counts.shape[0]
+
+        total, stats, weight, health, computed = fedavg_in_chunks(
+            chunk, plan, rows_of, self.chunk_size, whole
+        )
+        params_c, params_s = model.segments(average_or_keep(total, weight, whole))
+        return params_c, params_s, stats, health, computed
+
+
+def cut_workload(model: VariableCut, params_c, params_s, base: Workload, cfg) -> CutWorkload:
+    """Every candidate cut's FLOPs, smashed-data size, device parameters and device training
+    memory, from XLA's cost and memory analyses of the float segments at that cut (shapes
+    suffice: nothing is computed)."""
+    mcfg = model.cfg
+    whole = split_lib.merge_params(params_c, params_s)
+    image = (mcfg.image_size, mcfg.image_size, mcfg.channels)
+    batch = (cfg.train.batch_size, *image)
+    slots = optimizer_slots(cfg.optimizer)
+    rows = []
+    for cut in candidates(cfg, mcfg.depth):
+        at = split_lib.split(mcfg, cut)
+        pc, ps = split_lib.split_params(whole, cut, mcfg.depth)
+        client_flops, server_flops = split_lib.segment_flops(at, pc, ps, image)
+        params = split_lib.num_params(pc)
+        activations = split_lib.activation_bytes(at.client_apply, pc, batch)
+        memory = device_memory_bytes(params, activations, slots)
+        rows.append((cut, client_flops, server_flops, at.values_per_sample, params, memory))
+    cuts, client, server, values, params, memory = zip(*rows, strict=True)
+    return CutWorkload(
+        **dataclasses.asdict(base),
+        cuts=cuts,
+        cut_client_flops=client,
+        cut_server_flops=server,
+        cut_values=values,
+        cut_client_params=params,
+        cut_memory_bytes=memory,
+    )
+
+
+PROTOCOL = Protocol(
+    name="esfl",
+    title="ESFL (per-device cuts and server shares)",
+    make=PerDeviceCuts,
+    # The costs of a round at the config's cut with equal shares; the planner (``CutPlanner``)
+    # costs ESFL's own rounds at the cuts and shares it chooses.
+    cost_model=sflam_round_costs,
+    cost_split=True,
+    quantized_cut=True,
+    aqt=True,
+    allocators=CUT_SOLVERS,
+    optimizes_bits=False,
+    streamable=False,
+    baseline=False,
+    config_block=config_block,
+    validate=validate,
+    options=options,
+    build=build,
+    workload=cut_workload,
+    planner=CutPlanner,
+)
