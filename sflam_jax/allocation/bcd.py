@@ -11,6 +11,9 @@ Blocks, visited in turn for a fixed number of iterations:
   ``pgd.polish``. The paper approximates this block by successive convex approximation; the exact
   solve is at least as good.
 
+With free bits the integer bits are then refined by exchange moves with exact re-solves
+(``allocation.refine``; not with subchannels, whose split stays whole).
+
 A block's result is kept only when it does not raise the objective, so the objective never
 increases from one iteration to the next; ``diagnostics["history"]`` records it.
 
@@ -36,7 +39,10 @@ from sflam_jax.allocation.problem import (
     feasible,
     smallest_bits,
 )
+from sflam_jax.allocation.refine import RefineOptions, improve
 from sflam_jax.allocation.search import bisect
+
+DEFAULT_REFINE = RefineOptions()
 
 
 def equal_finish_bandwidth(problem: Problem, power_w, bits) -> jax.Array:
@@ -112,6 +118,7 @@ def allocate(
     iterations: int = 10,
     subchannels: int = 0,
     max_moves: int = 1000,
+    refine: RefineOptions = DEFAULT_REFINE,
 ) -> tuple[Allocation, dict]:
     """BCD allocation; ``bits=None`` picks the smallest uniform bits meeting the budget.
 
@@ -121,14 +128,16 @@ def allocate(
       iterations: BCD iterations over the bandwidth and power blocks.
       subchannels: 0 for a continuous split, else N >= S equal subchannels with swap matching.
       max_moves: limit on swap-matching moves.
+      refine: the integer refinement when ``bits`` is None (continuous split only).
 
     Returns:
       ``(allocation, diagnostics)`` with ``objective``, ``feasible``, ``history`` (the
       objective after each iteration, ``[iterations + 1]``, starting from equal bandwidth and full
-      power) and ``moves`` (swap-matching moves; 0 when continuous).
+      power; before the bits' refinement) and ``moves`` (swap-matching moves; 0 when continuous).
     """
     s = problem.num_devices
-    bits = smallest_bits(problem) if bits is None else jnp.asarray(bits, jnp.float32)
+    free = bits is None
+    bits = smallest_bits(problem) if free else jnp.asarray(bits, jnp.float32)
     start = Allocation(
         power_w=jnp.full((s,), problem.params.p_max_w),
         bandwidth_hz=jnp.full((s,), problem.params.bandwidth_hz / s),
@@ -156,6 +165,8 @@ def allocate(
         counts = round_to_subchannels(final.bandwidth_hz, total, subchannels)
         counts, moves = swap_matching(problem, counts, bits, max_moves)
         final, _ = polish(problem, counts * (total / subchannels), bits)
+    elif free:
+        final, _ = improve(problem, final, refine)
     return final, {
         "objective": value(final),
         "feasible": feasible(problem, final),

@@ -40,10 +40,19 @@ from sflam_jax.allocation.search import bisect, golden_section
 
 
 class _Devices(Links):
-    """The links in float64, with the bandwidth searches of the nested bisection."""
+    """The links in ``dtype`` (float64 for the oracle), with the bandwidth searches of the nested
+    bisection."""
 
-    def __init__(self, problem: Problem, bits):
-        super().__init__(problem, bits, jnp.float64)
+    def __init__(self, problem: Problem, bits, dtype=jnp.float64):
+        super().__init__(problem, bits, dtype)
+        wide = dtype == jnp.float64
+        # The price bracket's low end, relative to its high end (above the dtype's tiniest).
+        self.price_floor = 1e-60 if wide else 1e-30
+        # Bisection steps: float64 runs to its resolution; float32 stops near its own (each
+        # bracket spans under 2^7 in log space, so 32 steps reach 1e-8 relative).
+        self.steps = {"beta_min": 45, "beta": 40, "price": 50, "t_min": 60, "golden": 40}
+        if not wide:
+            self.steps = {"beta_min": 32, "beta": 30, "price": 32, "t_min": 40, "golden": 30}
 
     def uplink_time(self, beta, deadline):
         return deadline - self.a - self.down_time(beta)
@@ -55,7 +64,9 @@ class _Devices(Links):
         """Least bandwidth meeting ``deadline`` at full power (inf where even B cannot)."""
         lo = jnp.full_like(self.g, self.bw * 1e-12)
         hi = jnp.full_like(self.g, self.bw)
-        beta = bisect(lambda b: self.fastest_finish(b) <= deadline, lo, hi, 45, log=True)
+        beta = bisect(
+            lambda b: self.fastest_finish(b) <= deadline, lo, hi, self.steps["beta_min"], log=True
+        )
         return jnp.where(self.fastest_finish(hi) <= deadline, beta, jnp.inf)
 
     def energy(self, beta, deadline):
@@ -78,7 +89,11 @@ class _Devices(Links):
         """argmin_beta e_k(beta) + price * beta on ``[beta_lo, B]``."""
         hi = jnp.full_like(beta_lo, self.bw)
         beta = bisect(
-            lambda b: self.energy_slope(b, deadline) + price >= 0, beta_lo, hi, 40, log=True
+            lambda b: self.energy_slope(b, deadline) + price >= 0,
+            beta_lo,
+            hi,
+            self.steps["beta"],
+            log=True,
         )
         at_lo = self.energy_slope(beta_lo, deadline) + price >= 0
         at_hi = self.energy_slope(hi, deadline) + price <= 0
@@ -89,20 +104,30 @@ class _Devices(Links):
         beta_lo = self.beta_min(deadline)
         price_hi = jnp.max(-self.energy_slope(beta_lo, deadline))
         total = lambda price: jnp.sum(self.bandwidth_at_price(price, beta_lo, deadline))  # noqa: E731
-        price = bisect(lambda q: total(q) <= self.bw, price_hi * 1e-60, price_hi, 50, log=True)
+        price = bisect(
+            lambda q: total(q) <= self.bw,
+            price_hi * self.price_floor,
+            price_hi,
+            self.steps["price"],
+            log=True,
+        )
         return self.bandwidth_at_price(price, beta_lo, deadline)
 
 
-def _solve_fixed_bits(problem: Problem, bits):
-    dev = _Devices(problem, bits)
-    t_ref = jnp.asarray(problem.t_ref, jnp.float64)
-    e_ref = jnp.asarray(problem.e_ref, jnp.float64)
+def solve_fixed_bits(problem: Problem, bits, dtype=jnp.float64):
+    """``(bandwidth, power, deadline)`` of the optimum for fixed bits, in ``dtype`` (one
+    instance; float32 runs inside a jitted graph without ``jax.enable_x64``)."""
+    dev = _Devices(problem, bits, dtype)
+    t_ref = jnp.asarray(problem.t_ref, dtype)
+    e_ref = jnp.asarray(problem.e_ref, dtype)
     s = dev.g.shape[-1]
 
     # The least feasible deadline: sum_k beta_min_k(T) <= B.
     t_eq = jnp.max(dev.fastest_finish(jnp.full_like(dev.g, dev.bw / s)))
     t_floor = jnp.max(dev.a + (dev.d / dev.p_max + dev.h / dev.p_srv) * dev.n0 * LN2 / dev.g)
-    t_min = bisect(lambda t: jnp.sum(dev.beta_min(t)) <= dev.bw, t_floor, t_eq, 60, log=False)
+    t_min = bisect(
+        lambda t: jnp.sum(dev.beta_min(t)) <= dev.bw, t_floor, t_eq, dev.steps["t_min"], log=False
+    )
 
     def objective(deadline):
         beta = dev.bandwidth_at_deadline(deadline)
@@ -111,11 +136,11 @@ def _solve_fixed_bits(problem: Problem, bits):
 
     t_hi = jnp.maximum(objective(t_eq) * t_ref / problem.w_t, t_eq)
 
-    # 40 steps shrink the bracket to 4e-9 of its width: a golden-section search cannot resolve a
-    # minimum more finely than sqrt(float64 eps) ~ 1e-8 anyway (the objective is flat there), and
-    # the objective's error is quadratic in the deadline's (60 steps changed no objective by more
-    # than float32 rounding on 500 test instances).
-    lo, hi = golden_section(objective, t_min, t_hi, 40)
+    # float64: 40 steps shrink the bracket to 4e-9 of its width: a golden-section search cannot
+    # resolve a minimum more finely than sqrt(float64 eps) ~ 1e-8 anyway (the objective is flat
+    # there), and the objective's error is quadratic in the deadline's (60 steps changed no
+    # objective by more than float32 rounding on 500 test instances). float32: 30 steps, 5e-7.
+    lo, hi = golden_section(objective, t_min, t_hi, dev.steps["golden"])
     deadline = 0.5 * (lo + hi)
     beta = dev.bandwidth_at_deadline(deadline)
     power = jnp.minimum(dev.power(beta, deadline), dev.p_max)
@@ -124,7 +149,7 @@ def _solve_fixed_bits(problem: Problem, bits):
 
 def _solve_any(problem: Problem, bits):
     # Leading axes of the problem are instances.
-    fn = _solve_fixed_bits
+    fn = solve_fixed_bits
     for _ in range(problem.steps.ndim - 1):
         fn = jax.vmap(fn)
     return fn(problem, bits)
@@ -162,28 +187,28 @@ def allocate(problem: Problem, bits: jax.Array) -> tuple[Allocation, dict]:
 def allocate_bits_search(problem: Problem) -> tuple[Allocation, dict]:
     """Exact power and bandwidth for every integer bit vector meeting the budget; the best wins.
 
-    Exhaustive over ``(bits_max - bits_min + 1)^S`` vectors: for small S only (tests).
+    Exhaustive over ``(bits_max - bits_min + 1)^S`` vectors (small S only: tests and studies);
+    the candidates are solved as one batch.
     """
     wts = problem.weights
     s = problem.num_devices
-    choices = np.arange(wts.bits_min, wts.bits_max + 1)
+    choices = np.arange(wts.bits_min, wts.bits_max + 1, dtype=np.float32)
     candidates = np.asarray(list(itertools.product(choices, repeat=s)), np.float32)
-    ok = np.asarray(jax.vmap(lambda b: quant_budget_used(problem, b))(candidates)) <= problem.eps_q
+    budget = jax.jit(jax.vmap(lambda b: quant_budget_used(problem, b)))
+    ok = np.asarray(budget(candidates)) <= problem.eps_q
     if not ok.any():
         raise ValueError(
             f"allocation.eps_q={problem.eps_q}: no bits in [{wts.bits_min}, {wts.bits_max}] meet it"
         )
     # Fewer bits never cost more, so only vectors that cannot lose a bit are worth solving.
-    best = None
-    for bits in candidates[ok]:
-        lower = bits - np.eye(s, dtype=np.float32)
-        minimal = all(
-            b[i] < wts.bits_min or float(quant_budget_used(problem, b)) > problem.eps_q
-            for i, b in enumerate(lower)
-        )
-        if not minimal:
-            continue
-        allocation, diag = allocate(problem, jnp.asarray(bits))
-        if best is None or float(diag["objective"]) < float(best[1]["objective"]):
-            best = (allocation, diag)
-    return best
+    minimal = ok.copy()
+    for i in range(s):
+        lower = candidates.copy()
+        lower[:, i] -= 1
+        can_lower = (lower[:, i] >= wts.bits_min) & (np.asarray(budget(lower)) <= problem.eps_q)
+        minimal &= ~can_lower
+    bits = jnp.asarray(candidates[minimal])
+    batch = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(bits), *x.shape)), problem)
+    allocations, diag = allocate(batch, bits)
+    best = int(np.argmin(np.asarray(diag["objective"])))
+    return jax.tree.map(lambda x: x[best], allocations), jax.tree.map(lambda x: x[best], diag)

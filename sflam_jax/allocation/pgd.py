@@ -13,7 +13,8 @@ full power.
 Bits (when free) are relaxed, ``b = b_min + (b_max - b_min) sigmoid(theta_b)``, descended together
 with the split under a quadratic penalty on the learning budget, rounded up (``delta(b)`` falls
 with b, so rounding up keeps the budget; if the relaxed point still misses it, the smallest uniform
-bits that meet it are used), and the split is descended again for the integer bits.
+bits that meet it are used), the split is descended again for the integer bits, and the integer
+bits are refined by exchange moves with exact re-solves (``allocation.refine``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sflam_jax.allocation.problem import (
     quant_budget_used,
     smallest_bits,
 )
+from sflam_jax.allocation.refine import RefineOptions, improve
 from sflam_jax.allocation.search import golden_section
 
 
@@ -46,6 +48,7 @@ class PGDOptions:
       budget_penalty: weight of the squared relative budget violation while bits are relaxed.
       deadline_iters: golden-section iterations for the deadline inside each step.
       polish_iters: golden-section iterations of the final deadline.
+      refine: the integer refinement of free bits (``RefineOptions(sweeps=0)``: none).
     """
 
     steps: int = 1500
@@ -53,6 +56,7 @@ class PGDOptions:
     budget_penalty: float = 10.0
     deadline_iters: int = 40
     polish_iters: int = 80
+    refine: RefineOptions = RefineOptions()
 
 
 class _Split:
@@ -154,7 +158,8 @@ def allocate(
 
     Args:
       problem: one instance (``[S]`` arrays); ``jax.vmap`` over a leading axis solves many.
-      bits: ``[S]`` fixed bits, or None to choose integer bits meeting the learning budget.
+      bits: ``[S]`` fixed bits, or None to choose integer bits meeting the learning budget
+        (relaxed, rounded up, then refined).
       options: descent settings.
 
     Returns:
@@ -164,7 +169,8 @@ def allocate(
     s = problem.num_devices
     theta = {"bandwidth": jnp.zeros((s,))}
     relaxed = jnp.nan
-    if bits is None:
+    free = bits is None
+    if free:
         # Start the relaxed bits at the smallest uniform bits that meet the budget.
         wts = problem.weights
         start = (smallest_bits(problem) - wts.bits_min) / max(wts.bits_max - wts.bits_min, 1)
@@ -183,6 +189,9 @@ def allocate(
     theta = _descend(problem, theta, bits, options)
     beta = problem.params.bandwidth_hz * jax.nn.softmax(theta["bandwidth"])
     allocation, deadline = polish(problem, beta, bits, options.polish_iters)
+    if free:
+        allocation, _ = improve(problem, allocation, options.refine)
+        deadline = evaluate(problem, allocation)["round_latency_s"]
     return allocation, {
         "objective": evaluate(problem, allocation)["objective"],
         "feasible": feasible(problem, allocation),
