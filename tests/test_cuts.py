@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
+from sflam_jax import quant
 from sflam_jax.allocation import cuts
 from sflam_jax.wireless import channel
 
@@ -133,3 +134,52 @@ def test_alternating_is_monotone_and_never_beats_exact():
         t = float(diag["round_latency_s"])
         assert t >= float(best["deadline_s"]) * (1 - 1e-5)
         assert t <= history[0] * (1 + 1e-6)
+
+
+def _joint_setup(seed, s):
+    from sflam_jax.allocation.problem import Weights
+    from sflam_jax.wireless.costs import Workload
+
+    problem = make_problem(jax.random.key(seed), s)
+    rho = jax.random.dirichlet(jax.random.key(seed + 1), jnp.ones(s))
+    workload = Workload(0.0, 0.0, 17 * 64, 0, BATCH)
+    weights = Weights(w_t=0.5, w_e=0.5, eps_q=float(quant.error_proxy(6.7, 17 * 64, 10.0)))
+    return problem, rho, weights, workload
+
+
+@pytest.mark.parametrize("s", [3, 8])
+def test_joint_is_feasible_and_never_worse_than_esfl_or_sflam_at_a_fixed_cut(s):
+    from sflam_jax.allocation import joint, pgd
+    from sflam_jax.allocation import problem as pb
+
+    problem, rho, weights, workload = _joint_setup(200 + s, s)
+    cut = 1
+    solve = jax.jit(lambda p, r: joint.allocate(p, r, weights, workload, cut))
+    allocation, diag = solve(problem, rho)
+    assert bool(diag["feasible"])
+    assert bool(jnp.all(problem.allowed()[jnp.arange(s), allocation.cut]))
+    assert float(jnp.sum(allocation.server_flops)) <= problem.params.server_flops * (1 + 1e-5)
+    assert float(jnp.max(allocation.power_w)) <= problem.params.p_max_w * (1 + 1e-6)
+    assert float(jnp.sum(allocation.bandwidth_hz)) <= problem.params.bandwidth_hz * (1 + 1e-5)
+    assert bool(jnp.all(allocation.bits == jnp.round(allocation.bits)))
+    # The links problem it hands pgd costs the allocation as the cut model does.
+    np.testing.assert_allclose(diag["links_objective"], diag["objective"], rtol=1e-5)
+
+    ref = joint._Joint(problem, rho, weights, workload, cut)
+    smallest = pb.smallest_bits(ref.links)
+    # ESFL's optimum (equal bandwidth, full power) at the smallest bits meeting the budget.
+    esfl, _ = cuts.exact(problem, smallest)
+    assert float(diag["objective"]) <= float(ref.objective(esfl)) * (1 + 1e-6)
+    # SFLAM's allocator (pgd, free bits) at the fixed cut with equal server shares.
+    fixed = cuts.CutAllocation(
+        cut=jnp.full((s,), cut, jnp.int32),
+        server_flops=ref.equal,
+        power_w=jnp.zeros(s),
+        bandwidth_hz=jnp.zeros(s),
+        bits=smallest,
+    )
+    at = ref.links.replace(load_data=ref.at_cuts(fixed.cut, fixed.server_flops))
+    links, links_diag = pgd.allocate(at, None, joint.JointOptions().pgd)
+    sflam = fixed.replace(power_w=links.power_w, bandwidth_hz=links.bandwidth_hz, bits=links.bits)
+    np.testing.assert_allclose(ref.objective(sflam), links_diag["objective"], rtol=1e-5)
+    assert float(diag["objective"]) <= float(ref.objective(sflam)) * (1 + 1e-6)

@@ -95,6 +95,11 @@ def candidates(cfg, depth: int) -> tuple[int, ...]:
             f"esfl.cuts={cuts!r} is invalid: {bad[0]!r} is not a cut layer of {source}; allowed: "
             f"integers in [0, {depth}] (blocks on the device)"
         )
+    if cfg.model.cut_layer not in cuts:
+        raise ConfigError(
+            f"esfl.cuts={cuts!r} is invalid: it must include model.cut_layer="
+            f"{cfg.model.cut_layer} (the cut of the references and of the comparison protocols)"
+        )
     return tuple(sorted(set(cuts)))
 
 
@@ -220,6 +225,7 @@ def cut_workload(model: VariableCut, params_c, params_s, base: Workload, cfg) ->
     cuts, client, server, values, params, memory = zip(*rows, strict=True)
     return CutWorkload(
         **dataclasses.asdict(base),
+        cut_layer=model.cut_layer,
         cuts=cuts,
         cut_client_flops=client,
         cut_server_flops=server,

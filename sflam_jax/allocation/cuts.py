@@ -62,9 +62,11 @@ class CutTable:
 
 @dataclasses.dataclass(frozen=True)
 class CutWorkload(Workload):
-    """``Workload`` at the config's cut (for the comparison protocols) plus every candidate
-    cut's costs, from XLA's cost and memory analyses (tuples in cut order, see ``CutTable``)."""
+    """``Workload`` at the config's cut ``cut_layer`` (for the comparison protocols and the
+    references) plus every candidate cut's costs, from XLA's cost and memory analyses (tuples in
+    cut order, see ``CutTable``)."""
 
+    cut_layer: int = 0
     cuts: tuple[int, ...] = ()
     cut_client_flops: tuple[float, ...] = ()
     cut_server_flops: tuple[float, ...] = ()
@@ -201,7 +203,7 @@ def _equal_links(problem: CutProblem, bits):
     )
 
 
-def _shares(device_s, work, allowed, deadline):
+def least_shares(device_s, work, allowed, deadline):
     """Least server share per device and cut to finish by ``deadline`` (inf: cannot)."""
     slack = deadline - device_s
     need = work / jnp.where(slack > 0, slack, 1.0)
@@ -218,7 +220,7 @@ def _deadline_search(device_s, work, allowed, capacity, iters: int):
     hi = jnp.max(jnp.min(equal, axis=1))
 
     def fits(deadline):
-        need = jnp.min(_shares(device_s, work, allowed, deadline), axis=1)
+        need = jnp.min(least_shares(device_s, work, allowed, deadline), axis=1)
         return jnp.sum(need) <= capacity
 
     return bisect(fits, lo, hi, iters, log=False)
@@ -227,7 +229,7 @@ def _deadline_search(device_s, work, allowed, capacity, iters: int):
 def _settle(device_s, work, allowed, capacity, deadline):
     """Cuts and shares meeting ``deadline``: each device's cut of least need, the shares scaled
     up to use the whole server (every device then finishes by the deadline)."""
-    need = _shares(device_s, work, allowed, deadline)
+    need = least_shares(device_s, work, allowed, deadline)
     cut = jnp.argmin(need, axis=1)
     least = _at(need, cut)
     shares = least * capacity / jnp.sum(least)
@@ -240,7 +242,7 @@ def _infeasible(problem: CutProblem) -> tuple[jax.Array, jax.Array]:
     return jnp.any(none), jnp.where(jnp.any(none), jnp.argmax(none), -1)
 
 
-def _memory_fallback(problem: CutProblem) -> jax.Array:
+def allowed_or_least(problem: CutProblem) -> jax.Array:
     """``[S, L]`` allowed cuts, with a device that fits none given its least-memory cut (the
     solution is then reported infeasible, naming that device)."""
     allowed = problem.allowed()
@@ -276,7 +278,7 @@ def exact(problem: CutProblem, bits, iters: int = 100, dtype=jnp.float32):
     """
     power, band, bits = _equal_links(problem, bits)
     per = per_cut_times(problem, power, band, bits, dtype)
-    allowed = _memory_fallback(problem)
+    allowed = allowed_or_least(problem)
     capacity = jnp.asarray(problem.params.server_flops, dtype)
     deadline = _deadline_search(per["device_s"], per["server_work"], allowed, capacity, iters)
     cut, shares = _settle(per["device_s"], per["server_work"], allowed, capacity, deadline)
@@ -305,7 +307,7 @@ def alternate(problem: CutProblem, bits, start=None, rounds: int = 10, iters: in
     """
     power, band, bits = _equal_links(problem, bits)
     per = per_cut_times(problem, power, band, bits)
-    allowed = _memory_fallback(problem)
+    allowed = allowed_or_least(problem)
     size = problem.table.size
     if start is None:
         start = size - 1 - jnp.argmax(allowed[:, ::-1], axis=1)

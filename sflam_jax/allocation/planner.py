@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sflam_jax.allocation import IN_GRAPH, cuts
+from sflam_jax.allocation import IN_GRAPH, cuts, joint
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.problem import Weights, evaluate, make_problem
 from sflam_jax.quant import FLOAT_BITS
@@ -82,7 +82,7 @@ class RoundPlanner:
         rho = counts / jnp.maximum(jnp.sum(counts), 1)
         problem = make_problem(
             devices, steps, rho, self.workload, self.params, self.weights, self.loads, counts
-        )
+        )  # a protocol's loads read the sample counts (SFPrompt prunes samples)
         bits = None if self.fixed_bits is None else jnp.full((s,), self.fixed_bits, jnp.float32)
         if self.method == "pgd":
             allocation, _ = IN_GRAPH["pgd"](problem, bits, self.pgd)
@@ -145,7 +145,7 @@ class RoundPlanner:
 
 
 # Solvers of the per-device cut problem (``allocation.cuts``) that run inside the jitted round.
-CUT_SOLVERS = ("esfl_exact", "esfl_ao")
+CUT_SOLVERS = ("esfl_exact", "esfl_ao", "joint")
 # The round key's stream of the devices' memory limits (separate from the channel draw).
 _MEMORY_STREAM = 0x3E3
 
@@ -155,8 +155,10 @@ class CutPlanner(RoundPlanner):
     """The planner of a protocol with per-device cuts and server shares (ESFL, SPEC 6.2).
 
     Besides the channel it draws each device's memory limit, then chooses cuts and server shares
-    (``allocation.cuts``; equal bandwidth, full power, the config's bits) and costs the round at
-    them. ``workload`` is a ``cuts.CutWorkload``; the chosen cuts (layers) join the round's plan.
+    (``esfl_exact``, ``esfl_ao``: ``allocation.cuts`` at equal bandwidth, full power and the
+    config's bits; ``joint``: ``allocation.joint``, with power, bandwidth and bits too) and costs
+    the round at them. ``workload`` is a ``cuts.CutWorkload``; the chosen cuts (layers) join the
+    round's plan.
 
     Attributes (besides ``RoundPlanner``'s):
       memory_bytes: ``(low, high)``, each device's training memory ``~ U[low, high]``.
@@ -195,14 +197,22 @@ class CutPlanner(RoundPlanner):
         shares' range and ``memory_infeasible_device`` (the first device, by its position in the
         round's sample, whose memory fits no candidate cut; -1: none), and ``PLAN_ENTRIES``
         hands the cuts (``[S]`` layers) to the training."""
-        del counts
         s = steps.shape[0]
         problem = self.problem(key, steps)
         bits = jnp.full((s,), float(self.fixed_bits), jnp.float32)
+        extra = {}
         if self.method == "esfl_exact":
             allocation, diag = cuts.exact(problem, bits)
-        else:
+        elif self.method == "esfl_ao":
             allocation, diag = cuts.alternate(problem, bits, rounds=self.alternations)
+        else:
+            rho = counts / jnp.maximum(jnp.sum(counts), 1)
+            at = self.workload.cuts.index(self.workload.cut_layer)
+            options = joint.JointOptions(pgd=self.pgd)
+            allocation, diag = joint.allocate(
+                problem, rho, self.weights, self.workload, at, options
+            )
+            extra = {"objective": diag["objective"], "quant_error": diag["quant_error"]}
         costs = cuts.round_costs(problem, allocation)
         layers = problem.table.cut[allocation.cut]
         slowest = jnp.argmax(costs["latency_s"])
@@ -213,7 +223,13 @@ class CutPlanner(RoundPlanner):
             "round_comm_s": costs["comm_s"][slowest],
             "round_compute_energy_j": jnp.sum(costs["compute_energy_j"]),
             "round_comm_energy_j": jnp.sum(costs["comm_energy_j"]),
+            **extra,
             "bits_mean": jnp.mean(allocation.bits),
+            "bits_min": jnp.min(allocation.bits),
+            "bits_max": jnp.max(allocation.bits),
+            "power_mean_w": jnp.mean(allocation.power_w),
+            "bandwidth_min_hz": jnp.min(allocation.bandwidth_hz),
+            "bandwidth_max_hz": jnp.max(allocation.bandwidth_hz),
             "cut_mean": jnp.mean(layers.astype(jnp.float32)),
             "cut_min": jnp.min(layers),
             "cut_max": jnp.max(layers),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -99,8 +100,10 @@ class Problem:
         budget are array fields, so instances that differ only in them batch together.
       t_ref, e_ref: latency and energy at full power, equal bandwidth and 32 bits.
       w_t, w_e: objective weights; eps_q: learning budget.
-      counts: ``[S]`` samples n_k, for a protocol's ``loads`` (None with SFL-V1's loads).
-      loads: ``(devices, steps, up_bits, workload, params, down_bits, counts) -> {compute_s,
+      load_data: what a protocol's ``loads`` reads besides the devices (SFPrompt: the clients'
+        ``[S]`` sample counts; per-device cuts: each device's costs at its cut); None with
+        SFL-V1's loads.
+      loads: ``(devices, steps, up_bits, workload, params, down_bits, load_data) -> {compute_s,
         compute_j, up_bits, down_bits}``, the protocol's per-device ``A, C, D, H`` (static);
         None: SFL-V1's (``wireless.costs.round_loads``).
     """
@@ -116,7 +119,7 @@ class Problem:
     workload: Workload = flax.struct.field(pytree_node=False)
     params: SystemParams = flax.struct.field(pytree_node=False)
     weights: BitsSpec = flax.struct.field(pytree_node=False)
-    counts: jax.Array | None = None
+    load_data: Any = None
     loads: Callable[..., dict] | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
@@ -141,16 +144,15 @@ def make_problem(
     params: SystemParams,
     weights: Weights,
     loads: Callable[..., dict] | None = None,
-    counts: jax.Array | None = None,
+    load_data: Any = None,
 ) -> Problem:
     """Builds an instance; ``T_ref``, ``E_ref`` are at equal bandwidth, full power and 32 bits.
 
-    ``loads`` (with the clients' sample ``counts``) replaces SFL-V1's per-device loads; see
-    ``Problem``.
+    ``loads`` (with its ``load_data``) replaces SFL-V1's per-device loads; see ``Problem``.
     """
     s = steps.shape[-1]
-    if loads is not None and counts is None:
-        raise ValueError("make_problem: a protocol's loads need the clients' sample counts")
+    if loads is not None and load_data is None:
+        raise ValueError("make_problem: a protocol's loads need their load_data")
     problem = Problem(
         devices=devices,
         steps=jnp.asarray(steps, jnp.float32),
@@ -165,7 +167,7 @@ def make_problem(
         weights=BitsSpec(
             weights.bits_min, weights.bits_max, weights.value_range, weights.down_bits
         ),
-        counts=None if loads is None else jnp.asarray(counts, jnp.float32),
+        load_data=None if loads is None else load_data,
         loads=loads,
     )
     ref = _costs(
@@ -182,7 +184,7 @@ def link_loads(problem: Problem, bits: jax.Array) -> dict[str, jax.Array]:
     args = (problem.devices, problem.steps, bits, problem.workload, problem.params)
     if problem.loads is None:
         return round_loads(*args, problem.weights.down_bits)
-    return problem.loads(*args, problem.weights.down_bits, counts=problem.counts)
+    return problem.loads(*args, problem.weights.down_bits, problem.load_data)
 
 
 def _costs(problem: Problem, power_w, bandwidth_hz, bits) -> dict[str, jax.Array]:
