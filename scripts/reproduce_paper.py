@@ -126,10 +126,11 @@ def main():
     )
     parser.add_argument(
         "--part",
-        choices=("all", "sflam", "gsfl", "sfprompt"),
+        choices=("all", "sflam", "gsfl", "sfprompt", "esfl"),
         default="all",
         help="sflam: the paper's figure set; gsfl: the GSFL figures (docs/gsfl.md); sfprompt: "
-        "SFPrompt against full fine-tuning on the pretrained ViT-S/14 (docs/sfprompt.md)",
+        "SFPrompt against full fine-tuning on the pretrained ViT-S/14 (docs/sfprompt.md); esfl: "
+        "per-device cuts against the other protocols (docs/esfl.md)",
     )
     parser.add_argument(
         "--sfprompt-lr",
@@ -156,6 +157,8 @@ def main():
         gsfl_figures(base, out, args.draws, note)
     if args.part in ("all", "sfprompt"):
         sfprompt_figures(out, args.sfprompt_lr)
+    if args.part in ("all", "esfl"):
+        esfl_figures(base, out, min(args.draws, ESFL_DRAWS), note)
 
 
 def sflam_figures(base, out: str, args, note: str, t0: float) -> None:
@@ -527,6 +530,163 @@ def gsfl_figures(base, out: str, draws: int, note: str) -> None:
         )
     text = json.dumps(summary, indent=2)
     atomic_write_text(stem("gsfl_summary.json"), text)
+    print(text)
+
+
+# -- ESFL (docs/esfl.md) ----------------------------------------------------------------------
+
+# Spreads h of the device clocks: f ~ U[f_mid (1 - h), f_mid (1 + h)] around the default's middle.
+ESFL_SPREADS = (0.0, 0.25, 0.5, 0.75, 0.9)
+ESFL_METHODS = ("esfl_exact", "esfl_ao", "joint")
+# The joint allocator solves pgd several times per draw; fewer draws keep the sweep minutes long.
+ESFL_DRAWS = 16
+
+
+def esfl_config(base, method: str, spread: float | None = None):
+    c = base.copy_and_resolve_references()
+    c.algorithm, c.allocation.method = "esfl", method
+    return _with_spread(c, spread)
+
+
+def _with_spread(config, spread: float | None):
+    c = config.copy_and_resolve_references()
+    if spread is not None:
+        middle = 0.5 * (c.wireless.cpu_min_hz + c.wireless.cpu_max_hz)
+        c.wireless.cpu_min_hz, c.wireless.cpu_max_hz = middle * (1 - spread), middle * (1 + spread)
+    return c
+
+
+def esfl_figures(base, out: str, draws: int, note: str) -> None:
+    """ESFL's round latency and device energy against the spread of device clocks (FL, SL, SFL,
+    SFLAM at its cut, ESFL's two solvers and the joint allocator), the chosen cuts against clock
+    and channel gain, and accuracy against simulated time (training runs next to the
+    ``--part sflam`` runs); writes ``esfl_*.png/csv`` and ``esfl_summary.json``."""
+    from sflam_jax.allocation import cuts as cuts_lib
+    from sflam_jax.allocation import joint
+    from sflam_jax.plots import scatter_figure
+
+    def stem(name):
+        return os.path.join(out, name)
+
+    s = base.train.clients_per_round
+    counts = partition_sizes(base, s)
+    latency, energy = {}, {}
+
+    def add(label, key, rows):
+        latency.setdefault(label, (list(ESFL_SPREADS), []))[1].append(
+            float(rows[f"{key}round_latency_s"].mean())
+        )
+        energy.setdefault(label, (list(ESFL_SPREADS), []))[1].append(
+            float(rows[f"{key}round_energy_j"].mean())
+        )
+
+    for h in ESFL_SPREADS:
+        sflam = base.copy_and_resolve_references()
+        sflam.allocation.method, sflam.allocation.optimize_bits = "pgd", True
+        reference = sampled_costs(_with_spread(sflam, h), counts, draws)
+        for name in ("fl", "sl", "sfl"):
+            add(name.upper() + " (float cut)", f"{name}_", reference)
+        add(f"SFLAM (cut {base.model.cut_layer}, pgd, free bits)", "", reference)
+        for method in ESFL_METHODS:
+            add(f"ESFL {method}", "", sampled_costs(esfl_config(base, method, h), counts, draws))
+        print(f"[esfl] clock spread {h}: done", flush=True)
+    for values, y_label, name in (
+        (latency, "round latency (s)", "esfl_latency_vs_spread"),
+        (energy, "round device energy (J)", "esfl_energy_vs_spread"),
+    ):
+        line_figure(
+            values,
+            "device clock spread h (f ~ U[f_mid (1-h), f_mid (1+h)])",
+            y_label,
+            stem(name),
+            f"ESFL: {y_label.split(' (')[0]} against clock heterogeneity (S = {s})",
+            log_y=True,
+            note=note,
+        )
+
+    # The cuts each solver chooses for one round of 50 devices at the widest spread.
+    wide = 50
+    config = esfl_config(_with_devices(base, wide), "joint", ESFL_SPREADS[-1])
+    planner = experiment.planner_for(config, (28, 28, 1), 10)
+    sizes = partition_sizes(base, wide)
+    steps = local_steps(sizes, base.train.batch_size, base.train.local_epochs)
+    problem = planner.problem(jax.random.key(1), jax.numpy.asarray(steps, jax.numpy.float32))
+    w = planner.workload
+    bits = jax.numpy.full((wide,), float(base.quant.up_bits))
+    chosen = {
+        "esfl_exact": cuts_lib.exact(problem, bits)[0].cut,
+        "esfl_ao": cuts_lib.alternate(problem, bits)[0].cut,
+        "joint": joint.allocate(
+            problem,
+            jax.numpy.asarray(sizes / sizes.sum(), jax.numpy.float32),
+            planner.weights,
+            w,
+            w.cuts.index(w.cut_layer),
+            joint.JointOptions(pgd=planner.pgd),
+        )[0].cut,
+    }
+    layers = {k: np.asarray(w.cuts)[np.asarray(v)] for k, v in chosen.items()}
+    for x, label, name in (
+        (np.asarray(problem.devices.cpu_hz) / 1e9, "device clock (GHz)", "esfl_cuts_vs_clock"),
+        (np.asarray(problem.devices.gain), "channel gain", "esfl_cuts_vs_gain"),
+    ):
+        scatter_figure(
+            {k: (x.tolist(), v.tolist()) for k, v in layers.items()},
+            label,
+            "chosen cut layer (blocks on the device)",
+            stem(name),
+            f"ESFL: chosen cuts against {label.split(' (')[0]} (S = {wide}, spread "
+            f"{ESFL_SPREADS[-1]})",
+            log_x=name.endswith("gain"),
+            note=note,
+        )
+
+    runs = {f"esfl_{method}": esfl_config(base, method) for method in ("esfl_ao", "joint")}
+    for i, (name, config) in enumerate(runs.items()):
+        print(f"[esfl {i + 1}/{len(runs)}] training {name}", flush=True)
+        workdir = os.path.join(out, "runs", name)
+        if not finished(workdir, config.num_rounds):
+            train.train_and_evaluate(config, workdir)
+    curves = {
+        "ESFL esfl_ao": "esfl_esfl_ao",
+        "ESFL joint": "esfl_joint",
+        f"SFLAM {base.quant.up_bits}-bit": f"sflam_{base.quant.up_bits}bit",
+        "SFL": "sfl",
+        "SL": "sl",
+        "FL": "fl",
+    }
+    present = {
+        k: load_run(os.path.join(out, "runs", v))
+        for k, v in curves.items()
+        if finished(os.path.join(out, "runs", v), base.num_rounds)
+    }
+    line_figure(
+        {k: (r["sim_time_s"], r["test_accuracy"]) for k, r in present.items()},
+        "simulated wall-clock (s)",
+        "test accuracy",
+        stem("esfl_accuracy_vs_wallclock"),
+        "ESFL: test accuracy against simulated wall-clock",
+        log_x=True,
+        note=note,
+    )
+    summary = {
+        "note": note,
+        "draws": draws,
+        "latency_vs_spread": latency,
+        "energy_vs_spread": energy,
+        "cut_memory_mib": [m / 2**20 for m in w.cut_memory_bytes],
+        "chosen_cut_mean": {k: float(v.mean()) for k, v in layers.items()},
+        "runs": {
+            k: {
+                "final_test_accuracy": r["test_accuracy"][-1],
+                "sim_time_s": r["sim_time_s"][-1],
+                "sim_energy_j": r["sim_energy_j"][-1],
+            }
+            for k, r in present.items()
+        },
+    }
+    text = json.dumps(summary, indent=2)
+    atomic_write_text(stem("esfl_summary.json"), text)
     print(text)
 
 

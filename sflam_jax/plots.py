@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from sflam_jax.metrics import atomic_write_text, read_jsonl
 
 
@@ -188,6 +190,36 @@ def line_figure(
         ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _finish(fig, ax, out_stem, title, note, rows)
+
+
+def scatter_figure(
+    series: dict,
+    x_label: str,
+    y_label: str,
+    out_stem: str,
+    title: str = "",
+    log_x: bool = False,
+    note: str = "",
+):
+    """One cloud of points per label (``{label: (xs, ys)}``), written as ``out_stem.png`` and
+    ``out_stem.csv`` (label, x, y rows); integer ys (cut layers) get a small vertical jitter
+    between labels so clouds at the same level stay apart."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    rows = [["series", x_label, y_label]]
+    offsets = np.linspace(-0.12, 0.12, len(series)) if len(series) > 1 else [0.0]
+    for (label, (xs, ys)), dy in zip(series.items(), offsets, strict=True):
+        ax.scatter(xs, np.asarray(ys, float) + dy, s=10, alpha=0.7, label=label)
+        rows.extend([label, x, y] for x, y in zip(xs, ys, strict=True))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    if log_x:
+        ax.set_xscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _finish(fig, ax, out_stem, title, note, rows)

@@ -1,8 +1,6 @@
 """Integer bits of pgd and bcd against the integer optimum (exhaustive for small S, a float64
 local search beyond)."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,35 +60,13 @@ def test_integer_bits_within_half_a_percent_of_exhaustive_search():
             assert values[i] >= float(best["objective"]) * (1 - 1e-4), (name, i)
 
 
-def local_search(problem, bits):
-    """Float64 local search over integer bits: from ``bits``, the best of every single-level
-    lowering and every (one down, one up) exchange that meets the budget, each solved exactly, as
-    long as it improves."""
-    wts = problem.weights
-    s = problem.num_devices
-    bits = np.asarray(bits, np.float32)
-    _, diag = exact.allocate(problem, jnp.asarray(bits))
-    value = float(diag["objective"])
-    eye = np.eye(s, dtype=np.float32)
-    while True:
-        moves = [bits - eye[i] for i in range(s)]
-        moves += [bits - eye[i] + eye[j] for i, j in itertools.permutations(range(s), 2)]
-        moves = np.clip(np.stack(moves), wts.bits_min, wts.bits_max)  # one batch shape
-        budget = np.asarray(jax.vmap(lambda b: pb.quant_budget_used(problem, b))(moves))
-        batch = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(moves), *x.shape)), problem)
-        _, diag = exact.allocate(batch, jnp.asarray(moves))
-        values = np.where(budget <= problem.eps_q, np.asarray(diag["objective"]), np.inf)
-        if values.min() >= value * (1 - 1e-7):
-            return value
-        bits, value = moves[values.argmin()], float(values.min())
-
-
 def test_integer_bits_within_half_a_percent_of_a_local_search():
     num, s = 2, 8
     batch = instances(jax.random.key(90), num, s)
     got = solve_all(batch)
     for i in range(num):
         problem = one(batch, i)
-        reference = local_search(problem, pb.smallest_bits(problem))
+        _, reference = exact.local_bit_search(problem, pb.smallest_bits(problem))
+        reference = float(reference["objective"])
         for name, values in got.items():
             assert values[i] <= reference * 1.005, (name, i, values[i], reference)

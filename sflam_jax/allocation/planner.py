@@ -257,9 +257,11 @@ def sweep(
       counts: ``[S]`` samples n_k.
 
     Returns:
-      The planner's metrics as ``[draws]`` numpy arrays, plus ``bits`` ``[draws, S]``.
+      The planner's metrics as ``[draws]`` numpy arrays, plus ``bits`` ``[draws, S]`` and the
+      per-client entries it hands the training (per-device cuts: ``cuts`` ``[draws, S]``).
     """
     keys = jax.random.split(key, draws)
     plan = jax.jit(jax.vmap(planner, in_axes=(0, None, None)))
     bits, metrics = plan(keys, jnp.asarray(steps, jnp.float32), jnp.asarray(counts, jnp.float32))
+    metrics = {**metrics, **metrics.pop(PLAN_ENTRIES, {})}
     return {"bits": np.asarray(bits), **{k: np.asarray(v) for k, v in metrics.items()}}

@@ -35,11 +35,13 @@ class RefineOptions:
       sweeps: most sweeps (each accepts at most one move); 0 turns the refinement off.
       candidates: moves re-solved exactly per sweep.
       estimate_iters: golden-section steps of each move's estimate.
+      max_changes: most devices raised (or lowered) to repair (or spend) the budget in one move.
     """
 
     sweeps: int = 12
     candidates: int = 6
     estimate_iters: int = 30
+    max_changes: int = 16
 
 
 def resolve(problem: Problem, bits) -> tuple[Allocation, jax.Array]:
@@ -86,7 +88,8 @@ def refine(
             step = over & jnp.isfinite(score[j])
             return new + jnp.where(step, eye[j], 0.0), cost + jnp.where(step, raise_cost[j], 0.0)
 
-        return jax.lax.fori_loop(0, s, raise_one, (new, jnp.float32(0.0)))
+        changes = min(s, options.max_changes)
+        return jax.lax.fori_loop(0, changes, raise_one, (new, jnp.float32(0.0)))
 
     def spend(new, j, lower_gain):
         """Lower devices other than j one level at a time, the most gain per budget used first,
@@ -102,7 +105,8 @@ def refine(
             step = can[k]
             return new - jnp.where(step, eye[k], 0.0), gain + jnp.where(step, lower_gain[k], 0.0)
 
-        return jax.lax.fori_loop(0, s, lower_one, (new, jnp.float32(0.0)))
+        changes = min(s, options.max_changes)
+        return jax.lax.fori_loop(0, changes, lower_one, (new, jnp.float32(0.0)))
 
     def moves(bits, raise_cost, lower_gain):
         """``[3 S]`` moves (bits, estimated change, allowed): device i down then repaired by cost
