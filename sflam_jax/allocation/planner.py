@@ -103,25 +103,10 @@ class RoundPlanner:
             **by_count,
         )
         metrics = {
-            "round_latency_s": costs["round_latency_s"],
-            "round_energy_j": costs["round_energy_j"],
+            **round_metrics(costs, allocation, self.cost_split),
             "objective": solved["objective"],
             "quant_error": solved["quant_error"],
-            "bits_mean": jnp.mean(allocation.bits),
-            "bits_min": jnp.min(allocation.bits),
-            "bits_max": jnp.max(allocation.bits),
-            "power_mean_w": jnp.mean(allocation.power_w),
-            "bandwidth_min_hz": jnp.min(allocation.bandwidth_hz),
-            "bandwidth_max_hz": jnp.max(allocation.bandwidth_hz),
         }
-        if self.cost_split:
-            slowest = jnp.argmax(costs["latency_s"])
-            metrics.update(
-                round_compute_s=costs["compute_s"][slowest],
-                round_comm_s=costs["comm_s"][slowest],
-                round_compute_energy_j=jnp.sum(costs["compute_energy_j"]),
-                round_comm_energy_j=jnp.sum(costs["comm_energy_j"]),
-            )
         # A cost model's own metrics (GSFL: its groups, their latencies, the hand-over traffic).
         metrics.update(costs.get("extra", {}))
         metrics.update(self.comparison_costs(devices, steps))
@@ -215,21 +200,9 @@ class CutPlanner(RoundPlanner):
             extra = {"objective": diag["objective"], "quant_error": diag["quant_error"]}
         costs = cuts.round_costs(problem, allocation)
         layers = problem.table.cut[allocation.cut]
-        slowest = jnp.argmax(costs["latency_s"])
         metrics = {
-            "round_latency_s": costs["round_latency_s"],
-            "round_energy_j": costs["round_energy_j"],
-            "round_compute_s": costs["compute_s"][slowest],
-            "round_comm_s": costs["comm_s"][slowest],
-            "round_compute_energy_j": jnp.sum(costs["compute_energy_j"]),
-            "round_comm_energy_j": jnp.sum(costs["comm_energy_j"]),
+            **round_metrics(costs, allocation, True),
             **extra,
-            "bits_mean": jnp.mean(allocation.bits),
-            "bits_min": jnp.min(allocation.bits),
-            "bits_max": jnp.max(allocation.bits),
-            "power_mean_w": jnp.mean(allocation.power_w),
-            "bandwidth_min_hz": jnp.min(allocation.bandwidth_hz),
-            "bandwidth_max_hz": jnp.max(allocation.bandwidth_hz),
             "cut_mean": jnp.mean(layers.astype(jnp.float32)),
             "cut_min": jnp.min(layers),
             "cut_max": jnp.max(layers),
@@ -240,6 +213,30 @@ class CutPlanner(RoundPlanner):
         }
         metrics.update(self.comparison_costs(problem.devices, steps))
         return allocation.bits, metrics
+
+
+def round_metrics(costs: dict, allocation, cost_split: bool) -> dict[str, jax.Array]:
+    """A round's latency and energy (with the slowest device's compute / communication split and
+    the energy split when ``cost_split``) and the allocation's statistics."""
+    metrics = {
+        "round_latency_s": costs["round_latency_s"],
+        "round_energy_j": costs["round_energy_j"],
+        "bits_mean": jnp.mean(allocation.bits),
+        "bits_min": jnp.min(allocation.bits),
+        "bits_max": jnp.max(allocation.bits),
+        "power_mean_w": jnp.mean(allocation.power_w),
+        "bandwidth_min_hz": jnp.min(allocation.bandwidth_hz),
+        "bandwidth_max_hz": jnp.max(allocation.bandwidth_hz),
+    }
+    if cost_split:
+        slowest = jnp.argmax(costs["latency_s"])
+        metrics.update(
+            round_compute_s=costs["compute_s"][slowest],
+            round_comm_s=costs["comm_s"][slowest],
+            round_compute_energy_j=jnp.sum(costs["compute_energy_j"]),
+            round_comm_energy_j=jnp.sum(costs["comm_energy_j"]),
+        )
+    return metrics
 
 
 def sweep(
