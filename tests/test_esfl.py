@@ -164,3 +164,23 @@ def test_esfl_names_its_allocators(tiny_config):
     cfg.algorithm, cfg.allocation.method = "esfl", "pgd"
     with pytest.raises(ConfigError, match="allocation.method='pgd'.*'esfl_ao', 'joint'"):
         validate(cfg)
+
+
+def test_device_blocks_use_the_device_matmuls_at_every_cut():
+    """With AQT on the device segment, the whole-model forward at cut l is the split model's at l
+    (integer matmuls on the embedding and blocks [0, l), float after)."""
+    from sflam_jax import quant
+
+    aqt = quant.aqt_dot_general_cls(8, None)  # deterministic forward
+    params = vit.init_params(CFG, jax.random.key(3))
+    model = split_lib.VariableCut(CFG, 1, client_dot_general_cls=aqt)
+    x = PRE(jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 14, 14, 1)), jnp.uint8))
+    key = jax.random.key(0)  # AQT asks for one; a forward without stochastic rounding ignores it
+    floats = split_lib.VariableCut(CFG, 1).apply(params, x, 0, lambda a: a)
+    for cut in range(CFG.depth + 1):
+        reference = split_lib.split(CFG, cut, client_dot_general_cls=aqt)
+        pc, ps = split_lib.split_params(params, cut, CFG.depth)
+        expected = reference.server_apply(ps, reference.client_apply(pc, x, key), key)
+        got = model.apply(params, x, cut, lambda a: a, key)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(got, floats, atol=1e-6)  # the integer matmuls are in use
