@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import brentq
 
 from sflam_jax import quant
-from sflam_jax.allocation import cuts
+from sflam_jax.allocation import cuts, exact
 from sflam_jax.wireless import channel
 
 PARAMS = channel.SystemParams()
@@ -183,3 +183,8 @@ def test_joint_is_feasible_and_never_worse_than_esfl_or_sflam_at_a_fixed_cut(s):
     sflam = fixed.replace(power_w=links.power_w, bandwidth_hz=links.bandwidth_hz, bits=links.bits)
     np.testing.assert_allclose(ref.objective(sflam), links_diag["objective"], rtol=1e-5)
     assert float(diag["objective"]) <= float(ref.objective(sflam)) * (1 + 1e-6)
+    if s <= 4:
+        # Its bits are within 0.5% of the integer optimum at its own cuts and shares.
+        at = ref.links.replace(load_data=ref.at_cuts(allocation.cut, allocation.server_flops))
+        _, best = exact.allocate_bits_search(at)
+        assert float(diag["objective"]) <= float(best["objective"]) * 1.005
