@@ -34,7 +34,6 @@ import jax.numpy as jnp
 
 from sflam_jax import quant
 from sflam_jax.algorithms.base import (
-    GROUP_SLOTS,
     HEALTH,
     RoundState,
     average_or_keep,
@@ -110,8 +109,9 @@ class Engine:
 
         Returns:
           ``({"clients", "counts", "up_bits", "keys"} each [S], system metrics)``; with a
-          planner the bits come from its allocation for the sampled clients, and a grouped
-          protocol's planner adds ``"slots"`` (``algorithms.gsfl.group_slots``).
+          planner the bits come from its allocation for the sampled clients, and its
+          ``PLAN_ENTRIES`` join the plan (ESFL's ``"cuts"``, GSFL's ``"slots"``,
+          ``algorithms.gsfl.group_slots``).
         """
         sample_key, train_key = jax.random.split(key)
         s = self.clients_per_round
@@ -129,11 +129,9 @@ class Engine:
             "up_bits": bits.astype(jnp.float32),
             "keys": jax.vmap(lambda c: jax.random.fold_in(train_key, c))(clients),
         }
-        # Per-client decisions of the planner beyond the bits (per-device cuts).
+        # The planner's decisions beyond the bits, which its costs were computed for (ESFL's
+        # per-device cuts, GSFL's groups as ``slots``).
         plan.update(system.pop(PLAN_ENTRIES, {}))
-        if GROUP_SLOTS in system:
-            # The planner's grouping of the clients (GSFL), which its costs were computed for.
-            plan["slots"] = system.pop(GROUP_SLOTS)
         return plan, system
 
     def in_chunks(self, plan: dict, slots: jax.Array) -> dict:

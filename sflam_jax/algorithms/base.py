@@ -312,9 +312,6 @@ def masked_cross_entropy(
 
 # Metrics key of the per-client finite flags a round returns for the trainer's guard.
 HEALTH = "health"
-# Planner metrics key of a grouped protocol's ``[P, M]`` client slots (``algorithms.gsfl``); the
-# engine moves it into the round's training plan.
-GROUP_SLOTS = "group_slots"
 _HEALTH_PARTS = ("loss", "client segment", "server copy")
 
 

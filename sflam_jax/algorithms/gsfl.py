@@ -34,13 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from sflam_jax.algorithms.base import (
-    GROUP_SLOTS,
     Protocol,
     RoundState,
     average_or_keep,
     finite_per_client,
 )
 from sflam_jax.algorithms.sfl_v2 import SharedServer
+from sflam_jax.allocation.planner import PLAN_ENTRIES
 from sflam_jax.data.batches import local_steps
 from sflam_jax.errors import ConfigError
 from sflam_jax.quant import FLOAT_BITS
@@ -260,7 +260,7 @@ def round_costs(
     slots = group_slots(groups, grouping, per_client["latency_s"])
     costs = grouped_totals(per_client, slots, workload)
     costs["extra"].update(
-        {GROUP_SLOTS: slots, "client_group": client_groups(slots, steps.shape[-1])}
+        {PLAN_ENTRIES: {"slots": slots}, "client_group": client_groups(slots, steps.shape[-1])}
     )
     return costs
 

@@ -17,8 +17,9 @@ from sflam_jax.quant import FLOAT_BITS
 from sflam_jax.wireless.channel import SystemParams, draw_devices
 from sflam_jax.wireless.costs import Workload
 
-# Planner metrics key of a dict of ``[S]`` per-client entries the engine moves into the round's
-# plan (a per-device cut planner's ``cuts``).
+# Planner metrics key of a dict of training inputs the engine moves into the round's plan: ``[S]``
+# per-client entries (a per-device cut planner's ``cuts``) or GSFL's ``[P, M]`` group ``slots``
+# (from its cost model's ``extra``).
 PLAN_ENTRIES = "plan"
 
 
