@@ -36,6 +36,7 @@ from sflam_jax import experiment
 from sflam_jax.allocation import cuts, joint
 from sflam_jax.allocation.problem import smallest_bits
 from sflam_jax.config import base_config
+from sflam_jax.metrics import atomic_write_text
 
 
 def timed(fn, *args, repeats=2):
@@ -149,10 +150,7 @@ def main():
         "rows": rows,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -30,6 +30,7 @@ from sflam_jax import quant
 from sflam_jax.allocation import bcd, exact, pgd
 from sflam_jax.allocation import problem as pb
 from sflam_jax.allocation.refine import RefineOptions
+from sflam_jax.metrics import atomic_write_text
 from sflam_jax.wireless import channel, costs
 
 PARAMS = channel.SystemParams()
@@ -112,10 +113,7 @@ def main():
         print(f"| {r['S']} | {r['reference']} | {gaps} |")
     out = {**benchlib.describe(), "instances": args.instances, "eps_q": EPS_Q, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(out, indent=2))
     print(f"wrote {args.out}")
 
 
