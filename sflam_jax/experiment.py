@@ -16,8 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from sflam_jax import quant
-from sflam_jax.algorithms import registry
+from sflam_jax import events, quant
+from sflam_jax.algorithms import registry, sparse
 from sflam_jax.algorithms.base import (
     Preprocess,
     Protocol,
@@ -25,6 +25,7 @@ from sflam_jax.algorithms.base import (
     make_optimizer,
     optimizer_slots,
 )
+from sflam_jax.algorithms.ftte import SparseClients
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.planner import RoundPlanner
 from sflam_jax.allocation.problem import Weights
@@ -272,6 +273,86 @@ def build_engine(
     return engine
 
 
+def select_subset(config, training: sparse.SubsetTraining, params: dict, dataset, run_key):
+    """``w*`` of ``config.algorithm`` (FTTE's ``ftte.selection`` under its memory budget; every
+    parameter for FedBuff) and the budget it was chosen for (bytes; None: no selection)."""
+    f = config.ftte
+    everything = frozenset(sparse.leaf_paths(params))
+    if config.algorithm != "ftte" or f.selection == "all":
+        return everything, None
+    field = "ftte.memory_budget_bytes"
+    budget = float(f.memory_budget_bytes)
+    if not budget:
+        field = "ftte.device_memory_min_bytes"
+        budget = float(
+            events.device_memories(
+                run_key,
+                config.data.num_clients,
+                f.device_memory_min_bytes,
+                f.device_memory_max_bytes,
+            ).min()
+        )
+    batch = (config.train.batch_size, *dataset.image_shape)
+    if f.selection == "last_blocks":
+        return sparse.select_last_blocks(training, params, batch, budget, field), budget
+    n = min(f.proxy_samples, len(dataset.train_labels))
+    proxy = (dataset.train_images[:n], dataset.train_labels[:n].astype(np.int32))
+    chosen = sparse.select_greedy(training, params, batch, budget, field, proxy, f.proxy_steps)
+    return chosen, budget
+
+
+def build_event_engine(config, model_cfg, model, params: dict, preprocess, dataset):
+    """The event loop of an asynchronous protocol (``sflam_jax.events``): its trainable subset,
+    buffer rule, trip costs and stragglers, and the numbers ``system.json`` reports (device
+    training memory and bytes per update of ``w*`` against the whole model)."""
+    protocol = registry.get(config.algorithm)
+    options = protocol.options(config)
+    _, run_key = jax.random.split(jax.random.key(config.seed))
+    training = sparse.SubsetTraining(
+        logits=model.whole_logits, preprocess=preprocess, optimizer=make_optimizer(config.optimizer)
+    )
+    subset, budget = select_subset(config, training, params, dataset, run_key)
+    batch = (config.train.batch_size, *dataset.image_shape)
+    cost = training.cost(params, subset, batch)
+    full = training.cost(params, frozenset(sparse.leaf_paths(params)), batch)
+    f = config.ftte
+    engine = events.EventEngine(
+        clients=SparseClients(
+            training=training,
+            subset=subset,
+            local_epochs=config.train.local_epochs,
+            batch_size=config.train.batch_size,
+        ),
+        rule=options["rule"],
+        concurrency=f.concurrency,
+        buffer_size=f.buffer_size,
+        num_clients=config.data.num_clients,
+        cut_layer=config.model.cut_layer,
+        depth=model_cfg.depth,
+        system=system_params(config),
+        cost=cost,
+        total_params=sparse.size(params),
+        slowdown=events.straggler_slowdowns(
+            run_key, config.data.num_clients, f.straggler_fraction, f.straggler_slowdown
+        ),
+    )
+    names = [name for name, unit in sparse.units(params) if unit <= subset]
+    system = {
+        "trainable_units": names,
+        "trainable_params": cost.params,
+        "total_params": engine.total_params,
+        "memory_budget_bytes": budget,
+        "device_memory_bytes": cost.memory_bytes,
+        "full_device_memory_bytes": full.memory_bytes,
+        "flops_per_sample": cost.flops_per_sample,
+        "full_flops_per_sample": full.flops_per_sample,
+        "update_bytes": 4.0 * cost.params,
+        "full_update_bytes": 4.0 * engine.total_params,
+        "stragglers": int((engine.slowdown > 1).sum()),
+    }
+    return engine, system
+
+
 # -- the experiment -------------------------------------------------------------------------
 
 
@@ -318,6 +399,15 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset | None 
 
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     model_cfg, model, params, preprocess = build_model(config, dataset, init_key)
+    if protocol.events:
+        engine, system = build_event_engine(config, model_cfg, model, params, preprocess, dataset)
+        params_c, params_s = model.segments(params)
+        initial = events.AsyncState.create(
+            params_c, params_s, engine.clients.subset, engine.concurrency, config.data.num_clients
+        )
+        return Experiment(
+            config, protocol, dataset, parts, model, preprocess, engine, initial, system
+        )
     initial = initial_state(model, params, init_key)
     # FLOPs and memory from the parameter shapes alone: XLA's cost analysis of arrays placed on
     # a mesh would count one device's share.
@@ -354,6 +444,20 @@ def make_round(config, engine: Engine, state_shardings, dataset: Dataset, parts)
     up_bits = registry.get(config.algorithm).cut_bits(config.quant)[0]
     layout = engine.layout
     key_of = functools.partial(round_key, config.seed)
+    if isinstance(engine, events.EventEngine):
+        _, run_key = jax.random.split(jax.random.key(config.seed))
+        client_data = layout.replicate(
+            make_client_data(
+                dataset.train_images, dataset.train_labels, parts, config.train.batch_size
+            )
+        )
+        step = jax.jit(
+            lambda state, data: engine.step(state, data, run_key),
+            donate_argnums=0,
+            in_shardings=(state_shardings, layout.replicated),
+            out_shardings=(state_shardings, layout.replicated),
+        )
+        return lambda state, r: step(state, client_data)
     if config.train.stream or jax.process_count() > 1:
         host = HostClients.create(
             dataset.train_images,
@@ -405,7 +509,11 @@ def build_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
     (``jax.distributed`` must already be started for a multi-process run)."""
     exp = build_experiment(config, dataset)
     layout = Layout.from_config(config.sharding)
-    state_shardings = layout.state_shardings(exp.initial)
+    if exp.protocol.events:
+        # The event loop's state (model, in-flight results) is replicated.
+        state_shardings = jax.tree.map(lambda _: layout.replicated, exp.initial)
+    else:
+        state_shardings = layout.state_shardings(exp.initial)
     engine = dataclasses.replace(exp.engine, layout=layout)
     fields = {f.name: getattr(exp, f.name) for f in dataclasses.fields(Experiment)}
     fields.update(engine=engine, initial=layout.place(exp.initial, state_shardings))

@@ -60,7 +60,8 @@ class Protocol:
         aggregated by the engine's FedAvg; otherwise it trains the round's clients in sequence and
         aggregates them itself (``train_sequence``).
       cost_model: latency and device energy of one round (``wireless.costs``, common signature
-        ``(devices, steps, power_w, bandwidth_hz, up_bits, workload, params, down_bits)``).
+        ``(devices, steps, power_w, bandwidth_hz, up_bits, workload, params, down_bits)``); None
+        for an event-driven protocol (its engine costs each client's trip).
       cost_split: whether the round's compute/communication split is reported (the slowest
         device's, meaningful when the round time is one device's finish time).
       quantized_cut: ``quant.up_bits`` / ``quant.down_bits`` apply; otherwise float32 both ways.
@@ -85,12 +86,15 @@ class Protocol:
       planner: its round planner class when it decides more than power, bandwidth and bits
         (ESFL's ``allocation.planner.CutPlanner``: cuts and server shares), built with
         ``RoundPlanner``'s fields and the options its fields name; None: ``RoundPlanner``.
+      events: trained on the simulated event clock by ``sflam_jax.events`` (FTTE, FedBuff)
+        instead of in rounds: ``make`` is its client training class (built by
+        ``events.build_engine``), and the trainer's rounds are its server versions.
     """
 
     name: str
     title: str
     make: Callable[..., Any]
-    cost_model: Callable[..., dict]
+    cost_model: Callable[..., dict] | None
     cost_split: bool
     quantized_cut: bool
     aqt: bool
@@ -105,6 +109,7 @@ class Protocol:
     workload: Callable[..., Any] | None = None
     loads: Callable[..., dict] | None = None
     planner: type | None = None
+    events: bool = False
 
     def bind(self, fn: Callable, config) -> Callable:
         """``fn`` (``make`` or ``cost_model``) with the protocol's options for ``config`` that

@@ -6,7 +6,7 @@ Adding a protocol is one module under ``sflam_jax/algorithms/`` that defines its
 
 from __future__ import annotations
 
-from sflam_jax.algorithms import esfl, fl, gsfl, sfl, sfl_v2, sflam, sfprompt, sl
+from sflam_jax.algorithms import esfl, fl, ftte, gsfl, sfl, sfl_v2, sflam, sfprompt, sl
 from sflam_jax.algorithms.base import Protocol
 from sflam_jax.errors import ConfigError
 
@@ -21,6 +21,8 @@ PROTOCOLS: dict[str, Protocol] = {
         gsfl.PROTOCOL,
         sfprompt.PROTOCOL,
         esfl.PROTOCOL,
+        ftte.PROTOCOL,
+        ftte.FEDBUFF,
     )
 }
 

@@ -46,6 +46,10 @@ class SplitModel:
         """The global model's logits, ``server(client(x))`` without the cut-layer link."""
         return self.server_apply(params_s, self.client_apply(params_c, images, key), key)
 
+    def whole_logits(self, params: dict, images: jax.Array, key=None) -> jax.Array:
+        """``logits`` of a whole ViT tree (``merge_params`` of the two segments)."""
+        return self.logits(*self.segments(params), images, key)
+
 
 @dataclasses.dataclass(frozen=True)
 class VariableCut:

@@ -309,3 +309,55 @@ def sfl_v2_round_costs(
     busy = jnp.sum(jnp.asarray(steps, jnp.float32), -1) * t_srv
     costs["round_latency_s"] = jnp.maximum(costs["round_latency_s"], busy)
     return costs
+
+
+def client_trip_costs(
+    devices: Devices,
+    steps: jax.Array,
+    bandwidth_hz: float,
+    power_w: float,
+    flops_per_sample: float,
+    batch_size: int,
+    down_params: jax.Array,
+    up_params: int,
+    params: SystemParams,
+) -> dict[str, jax.Array]:
+    """One FL client's trip in an asynchronous protocol (FTTE, FedBuff; SPEC sections 3 and 6.4):
+    download ``down_params`` float32 values, ``steps`` local steps of ``batch_size`` samples at
+    ``flops_per_sample`` (forward and backward of the trained subset), upload ``up_params`` values
+    (its delta), on a fixed bandwidth share at a fixed power.
+
+    Args:
+      devices: ``[C]`` the dispatched devices (clock, channel).
+      steps: ``[C]`` local steps tau_k.
+      bandwidth_hz: each busy device's share of B (up and down).
+      power_w: device transmit power.
+      flops_per_sample: training FLOPs of one sample (XLA's cost analysis of the step).
+      batch_size: B.
+      down_params: ``[C]`` values downloaded (the whole model on a device's first trip, then w*).
+      up_params: values uploaded.
+      params: the system constants.
+
+    Returns:
+      ``[C]`` arrays ``time_s`` (download + compute + upload), ``compute_s``, ``comm_s``,
+      ``energy_j`` (compute ``kappa f^2`` per cycle + ``p t_up``) and ``bytes`` (both ways).
+    """
+    n0 = params.noise_w_per_hz
+    cycles = (
+        jnp.asarray(steps, jnp.float32) * batch_size * flops_per_sample / params.flops_per_cycle
+    )
+    compute_s = cycles / devices.cpu_hz
+    down_bits = float(FLOAT_BITS) * jnp.asarray(down_params, jnp.float32)
+    up_bits = float(FLOAT_BITS) * up_params
+    r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
+    r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
+    up_s = up_bits / r_up
+    comm_s = down_bits / r_dn + up_s
+    energy = params.kappa * devices.cpu_hz**2 * cycles + power_w * up_s
+    return {
+        "time_s": compute_s + comm_s,
+        "compute_s": compute_s,
+        "comm_s": comm_s,
+        "energy_j": energy,
+        "bytes": (down_bits + up_bits) / 8.0,
+    }

@@ -1,0 +1,274 @@
+"""FTTE and FedBuff: semi-asynchronous (sparse) federated training on the event clock (SPEC 6.4).
+
+Not split learning: every device trains the whole ViT's trainable subset ``w*`` (FL), and the
+server runs an event loop instead of rounds (``sflam_jax.events``): it keeps ``ftte.concurrency``
+clients busy; each arrival (at the time the system model gives its trip: download, local
+training, upload, times the straggler slow-down) enters a buffer, and when ``ftte.buffer_size``
+deltas are in the server applies their weighted mean and dispatches new clients from the new
+version. The trainer's "rounds" are these server versions.
+
+- ``ftte``: ``w*`` chosen once before training to fit ``ftte.memory_budget_bytes`` (or the
+  weakest device's memory), by ``ftte.selection`` (``algorithms.sparse``); buffer weights
+  ``a_i = n_i s(tau_i) u(sigma_i^2)`` with the staleness weight ``s(tau) = (1 + tau)^(-e)``
+  (``ftte.staleness = "polynomial"``, ``e = ftte.staleness_exponent``; ``"none"``: 1) and the
+  variance weight ``u = 1 / (1 + sigma_i^2 / mean_buffer(sigma^2))`` (``ftte.variance_weight``).
+- ``fedbuff``: the same buffer on all parameters with the staleness weight only (it reads the
+  ``ftte`` block; ``selection``, ``memory_*`` and ``variance_weight`` do not apply).
+
+With ``buffer_size = concurrency``, no stragglers, all parameters and ``s = u = 1`` a version is
+one FedAvg round over the clients dispatched at it (tested against the synchronous engine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sflam_jax.algorithms import sparse
+from sflam_jax.algorithms.base import Protocol
+from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
+from sflam_jax.errors import ConfigError
+
+# The values of ``ftte.staleness``.
+STALENESS = ("polynomial", "none")
+
+
+def config_block() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.concurrency = 20  # C: clients training at once
+    c.buffer_size = 10  # K: arrivals per server update (<= concurrency)
+    c.staleness = "polynomial"  # s(tau) = (1 + tau)^(-staleness_exponent); "none": s = 1
+    c.staleness_exponent = 0.5
+    c.variance_weight = True  # u = 1 / (1 + sigma_i^2 / buffer mean); FTTE only
+    c.server_lr = 1.0  # eta_g
+    # Trainable subset (FTTE only): "last_blocks" (head, then blocks from the last down, as many
+    # as fit), "greedy" (by loss gain per byte on a proxy split) or "all".
+    c.selection = "last_blocks"
+    # Device training memory budget of w*; 0 = the weakest device's memory, each device's drawn
+    # once ~ U[device_memory_min_bytes, device_memory_max_bytes] from the seed.
+    c.memory_budget_bytes = 0.0
+    c.device_memory_min_bytes = 4.0 * 2**20
+    c.device_memory_max_bytes = 16.0 * 2**20
+    c.proxy_samples = 256  # greedy: training samples of the server's proxy split
+    c.proxy_steps = 8  # greedy: optimizer steps per candidate on the proxy split
+    c.straggler_fraction = 0.0  # share of the devices that are slow
+    c.straggler_slowdown = 5.0  # their trips take this many times longer
+    c.stop_sim_seconds = 0.0  # stop once the simulated clock passes this; 0 = num_rounds versions
+    return c
+
+
+def _number(cfg, field: str, lo: float, hi: float | None = None, open_lo: bool = False):
+    value = cfg.ftte[field]
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    if ok:
+        ok = (value > lo if open_lo else value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        low = f"({lo}" if open_lo else f"[{lo}"
+        raise ConfigError(
+            f"ftte.{field}={value!r} is invalid: must be a number in {low}, "
+            f"{'inf)' if hi is None else f'{hi}]'}"
+        )
+    return value
+
+
+def _int(cfg, field: str, lo: int):
+    value = cfg.ftte[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"ftte.{field}={value!r} is invalid: must be an integer >= {lo}")
+    return value
+
+
+def validate(cfg) -> None:
+    f = cfg.ftte
+    c = _int(cfg, "concurrency", 1)
+    if c > cfg.data.num_clients:
+        raise ConfigError(
+            f"ftte.concurrency={c!r} is invalid: must be <= data.num_clients="
+            f"{cfg.data.num_clients} (each busy client is a different device)"
+        )
+    k = _int(cfg, "buffer_size", 1)
+    if k > c:
+        raise ConfigError(
+            f"ftte.buffer_size={k!r} is invalid: must be <= ftte.concurrency={c} (the server "
+            "waits for K arrivals with C clients busy)"
+        )
+    if f.staleness not in STALENESS:
+        raise ConfigError(
+            f"ftte.staleness={f.staleness!r} is invalid: allowed: {', '.join(map(repr, STALENESS))}"
+        )
+    _number(cfg, "staleness_exponent", 0.0)
+    if not isinstance(f.variance_weight, bool):
+        raise ConfigError(f"ftte.variance_weight={f.variance_weight!r} is invalid: must be a bool")
+    _number(cfg, "server_lr", 0.0, open_lo=True)
+    if f.selection not in sparse.SELECTIONS:
+        allowed = ", ".join(map(repr, sparse.SELECTIONS))
+        raise ConfigError(f"ftte.selection={f.selection!r} is invalid: allowed: {allowed}")
+    _number(cfg, "memory_budget_bytes", 0.0)
+    low = _number(cfg, "device_memory_min_bytes", 0.0, open_lo=True)
+    high = _number(cfg, "device_memory_max_bytes", 0.0, open_lo=True)
+    if low > high:
+        raise ConfigError(
+            f"ftte.device_memory_min_bytes={low!r} is invalid: must be <= "
+            f"ftte.device_memory_max_bytes={high!r}"
+        )
+    _int(cfg, "proxy_samples", 1)
+    _int(cfg, "proxy_steps", 1)
+    _number(cfg, "straggler_fraction", 0.0, 1.0)
+    _number(cfg, "straggler_slowdown", 1.0)
+    _number(cfg, "stop_sim_seconds", 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseClients:
+    """Local training of the subset ``w*`` on whole-model devices (one client's code, vmapped).
+
+    Attributes:
+      training: the loss and optimizer step on a subset (``sparse.SubsetTraining``).
+      subset: the leaf paths of ``w*`` in the whole ViT tree.
+      local_epochs: E.
+      batch_size: B.
+    """
+
+    training: sparse.SubsetTraining
+    subset: frozenset
+    local_epochs: int
+    batch_size: int
+
+    def train_client(self, params: dict, rows: ClientRows, count, key, num_steps):
+        """One client's E local epochs on ``w*`` from the whole model ``params``.
+
+        The key splits as ``SplitTraining.client_start``'s (epoch shuffles, step noise), so a
+        client trains on the same batches as under the synchronous protocols. Steps past the
+        client's ``tau_k`` (up to ``num_steps``, the padded batch's longest) are no-ops.
+
+        Returns:
+          ``(delta, stats [3], sigma2)``: the change of ``w*`` (a ``sparse.take`` tree), summed
+          loss / correct predictions / samples, and the mean squared deviation of its step
+          gradients from their mean (summed over ``w*``; 0 with fewer than two steps).
+        """
+        start = sparse.take(params, self.subset)
+        frozen = params
+        order_key, step_key = jax.random.split(key)
+        orders = epoch_orders(order_key, count, rows.labels.shape[0], self.local_epochs)
+
+        def step(t, carry):
+            train, opt, stats, g_sum, g_sq, n = carry
+            images, labels, mask = client_batch(rows, count, orders, t, self.batch_size)
+            new, new_opt, grads, (total, correct) = self.training.step(
+                train, opt, frozen, images, labels, mask, jax.random.fold_in(step_key, t)
+            )
+            active = jnp.any(mask)
+            keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)  # noqa: E731
+            w = active.astype(jnp.float32)
+            g_sum = jax.tree.map(lambda s, g: s + w * g, g_sum, grads)
+            sq = sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))
+            seen = jnp.sum(mask.astype(jnp.float32))
+            return (
+                keep(new, train),
+                keep(new_opt, opt),
+                stats + jnp.stack([total, correct, seen]),
+                g_sum,
+                g_sq + w * sq,
+                n + w,
+            )
+
+        zeros = jax.tree.map(jnp.zeros_like, start)
+        carry = (
+            start,
+            self.training.optimizer.init(start),
+            jnp.zeros((3,), jnp.float32),
+            zeros,
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
+        )
+        train, _, stats, g_sum, g_sq, n = jax.lax.fori_loop(0, num_steps, step, carry)
+        mean_sq = sum(jnp.sum(g * g) for g in jax.tree.leaves(g_sum)) / jnp.maximum(n, 1.0) ** 2
+        sigma2 = jnp.where(n > 1, jnp.maximum(g_sq / jnp.maximum(n, 1.0) - mean_sq, 0.0), 0.0)
+        delta = jax.tree.map(jnp.subtract, train, start)
+        return delta, stats, sigma2
+
+    def train_batch(self, params: dict, rows: ClientRows, counts, keys):
+        """``train_client`` for C clients side by side from the same global model, padded to the
+        longest ``tau_k`` (a slot with count 0 trains nothing).
+
+        Args:
+          params: the whole global model.
+          rows: ``[C, L, ...]``.
+          counts: ``[C]``.
+          keys: ``[C]``.
+
+        Returns:
+          ``(delta [C, ...], stats [C, 3], sigma2 [C])``.
+        """
+        num_steps = jnp.max(local_steps(counts, self.batch_size, self.local_epochs))
+        return jax.vmap(self.train_client, in_axes=(None, 0, 0, 0, None))(
+            params, rows, counts, keys, num_steps
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferRule:
+    """How the server weighs a buffer of arrivals (SPEC 6.4).
+
+    Attributes:
+      staleness_exponent: e in ``s(tau) = (1 + tau)^(-e)``; 0: no staleness weight.
+      variance_weight: use ``u = 1 / (1 + sigma_i^2 / mean_buffer(sigma^2))``.
+      server_lr: eta_g.
+    """
+
+    staleness_exponent: float
+    variance_weight: bool
+    server_lr: float = 1.0
+
+    def weights(self, counts, staleness, sigma2):
+        """``a_i = n_i s(tau_i) u(sigma_i^2)`` of a buffer's ``[K]`` arrivals."""
+        s = (1.0 + staleness.astype(jnp.float32)) ** (-self.staleness_exponent)
+        a = counts.astype(jnp.float32) * s
+        if self.variance_weight:
+            mean = jnp.mean(sigma2)
+            ratio = jnp.where(mean > 0, sigma2 / jnp.where(mean > 0, mean, 1.0), 0.0)
+            a = a / (1.0 + ratio)
+        return a
+
+
+def rule(cfg, sparse_variant: bool) -> BufferRule:
+    f = cfg.ftte
+    return BufferRule(
+        staleness_exponent=float(f.staleness_exponent) if f.staleness == "polynomial" else 0.0,
+        variance_weight=bool(f.variance_weight) and sparse_variant,
+        server_lr=float(f.server_lr),
+    )
+
+
+def _protocol(name: str, title: str, sparse_variant: bool, **block) -> Protocol:
+    return Protocol(
+        name=name,
+        title=title,
+        make=SparseClients,
+        cost_model=None,
+        cost_split=False,
+        quantized_cut=False,
+        aqt=False,
+        allocators=("equal",),
+        optimizes_bits=False,
+        streamable=False,
+        baseline=False,
+        events=True,
+        options=lambda cfg: {"rule": rule(cfg, sparse_variant), "sparse": sparse_variant},
+        **block,
+    )
+
+
+PROTOCOL = _protocol(
+    "ftte",
+    "FTTE (semi-asynchronous, sparse subset, staleness and variance weights)",
+    True,
+    config_block=config_block,
+    validate=validate,
+)
+FEDBUFF = _protocol(
+    "fedbuff", "FedBuff (buffered asynchronous FL, staleness weight)", False, validate=validate
+)
