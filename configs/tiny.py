@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.clients_per_round = 3
     c.train.batch_size = 8
     c.train.eval_batch_size = 40
+    c.ftte.concurrency = 4  # the asynchronous protocols' busy clients (of 8) and buffer
+    c.ftte.buffer_size = 2
     c.checkpoint.every = 1
     c.metrics.progress = False
     return c

@@ -133,6 +133,8 @@ def train_and_evaluate(
         dynamic_ncols=True,
     )
     last_eval = {}
+    # An event-driven protocol may stop on its simulated clock before num_rounds versions.
+    stop_s = float(config.ftte.stop_sim_seconds) if run.protocol.events else 0.0
     t_start = time.perf_counter()
     try:
         if start == 0 and config.eval_every:
@@ -141,6 +143,8 @@ def train_and_evaluate(
             record = {"round": 0, **last_eval}
             write(record, {"eval_s": time.perf_counter() - t_start, "elapsed_s": 0.0})
         for r in range(start, config.num_rounds):
+            if 0 < stop_s <= float(state.sim_time_s):
+                break  # resumed after the run had already stopped on its clock
             t0 = time.perf_counter()
             state, metrics = round_fn(state, r)
             metrics = jax.device_get(metrics)
@@ -156,7 +160,7 @@ def train_and_evaluate(
                 )
             t1 = time.perf_counter()
             record = {"round": r + 1, **metrics}
-            done = r + 1 == config.num_rounds
+            done = r + 1 == config.num_rounds or (0 < stop_s <= float(state.sim_time_s))
             if done or (config.eval_every and (r + 1) % config.eval_every == 0):
                 last_eval = evaluate_state(evaluate, state, test_images, test_labels)
                 record.update(last_eval)
@@ -171,6 +175,8 @@ def train_and_evaluate(
                 loss=f"{float(metrics['train_loss']):.3f}",
                 acc=f"{float(last_eval.get('test_accuracy', float('nan'))):.3f}",
             )
+            if done:
+                break
     finally:
         bar.close()
         if writer is not None:

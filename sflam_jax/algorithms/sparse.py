@@ -241,7 +241,7 @@ def proxy_gains(
         def step(t, carry):
             p, opt = carry
             b = t % batches
-            grads = jax.grad(lambda q: training.loss(q, {}, x[b], y[b], valid[b], key)[0])(p)
+            grads = jax.grad(lambda q: training.loss(q, q, x[b], y[b], valid[b], key)[0])(p)
             grads = jax.tree.unflatten(
                 treedef, [g * m for g, m in zip(jax.tree.leaves(grads), mask, strict=True)]
             )
