@@ -148,11 +148,11 @@ def test_fedbuff_matches_a_python_heap_event_loop(tiny_config):
     counts = np.asarray(data.counts)
     draw = jax.jit(engine.draw_dispatch)
     w = _whole(exp.initial)
-    heap, clock, dispatched, version = [], np.float32(0), 0, 0
+    heap, clock, dispatched = [], np.float32(0), 0
     in_flight, seen = np.zeros(len(counts), bool), np.zeros(len(counts), bool)
     free = cfg.ftte.concurrency
     popped = []
-    for _ in range(versions):
+    for version in range(versions):
         while free:
             d = jax.device_get(draw(run_key, dispatched, in_flight, seen, counts))
             for j in range(min(free, cfg.ftte.buffer_size)):
@@ -181,7 +181,6 @@ def test_fedbuff_matches_a_python_heap_event_loop(tiny_config):
         for entry in buffer:
             in_flight[entry[2]] = False
         free = cfg.ftte.buffer_size
-        version += 1
 
     order = []
     for rec, expected in zip(records, popped, strict=True):
@@ -265,14 +264,14 @@ def test_selected_subset_fits_the_budget_and_only_it_changes(tiny_config):
 
 def test_greedy_selection_fits_the_budget(tiny_config):
     """Greedy by loss gain per byte: the head and at least one more unit, within the budget."""
-    cfg = _config(tiny_config, "ftte", selection="greedy", proxy_samples=64, proxy_steps=4)
+    cfg = _config(tiny_config, "ftte", selection="all", proxy_samples=64, proxy_steps=4)
     exp, _, _ = _build(cfg)
     whole = _whole(exp.initial)
     training = exp.engine.clients.training
     batch = (cfg.train.batch_size, *exp.dataset.image_shape)
     everything = frozenset(sparse.leaf_paths(whole))
     budget = 0.6 * training.cost(whole, everything, batch).memory_bytes
-    cfg.ftte.memory_budget_bytes = budget
+    cfg.ftte.memory_budget_bytes, cfg.ftte.selection = budget, "greedy"
     exp, _, _ = _build(cfg)
     subset = exp.engine.clients.subset
     head = sparse.units(whole)[0][1]
