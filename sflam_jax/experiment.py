@@ -142,6 +142,11 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
     latency and energy, and every baseline protocol's costs are reported next to them.
     """
     protocol = registry.get(config.algorithm)
+    if protocol.events:
+        raise ConfigError(
+            f"algorithm={config.algorithm!r} has no round planner: its event engine costs each "
+            "client's trip (sflam_jax.events, docs/ftte.md)"
+        )
     float_model = split_lib.split(model_cfg, config.model.cut_layer)
     image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
     client_flops, server_flops = split_lib.segment_flops(

@@ -216,6 +216,12 @@ def run_group(cfgs: list, directories: list[str], progress: bool = True) -> None
       progress: show a progress bar over rounds.
     """
     base = cfgs[0]
+    if registry.get(base.algorithm).events:
+        raise ConfigError(
+            f"algorithm={base.algorithm!r} is invalid in a vectorized sweep: it runs on its own "
+            "event clock (sflam_jax.events), not in rounds; train its points one by one with "
+            "python -m sflam_jax.main (scripts/reproduce_paper.py --part ftte does)"
+        )
     # Model, protocol and engine once for the group; the group's client tables live on the device.
     exp = experiment.build_experiment(base)
     up_fixed = None if exp.protocol.quantized_cut else float(quant.FLOAT_BITS)

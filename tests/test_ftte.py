@@ -334,3 +334,11 @@ def test_a_budget_no_subset_fits_is_named(tiny_config):
     cfg = _config(tiny_config, "ftte", memory_budget_bytes=1000.0)
     with pytest.raises(ConfigError, match=r"ftte.memory_budget_bytes=1000.0 is invalid: no "):
         experiment.build_experiment(cfg)
+
+
+def test_vectorized_sweeps_refuse_the_event_protocols(tiny_config):
+    from sflam_jax import sweep
+
+    cfg = _config(tiny_config, "ftte")
+    with pytest.raises(ConfigError, match="algorithm='ftte' is invalid in a vectorized sweep"):
+        sweep.run_group([cfg], ["unused"], progress=False)

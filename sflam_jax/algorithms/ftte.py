@@ -50,7 +50,7 @@ def config_block() -> ml_collections.ConfigDict:
     # Device training memory budget of w*; 0 = the weakest device's memory, each device's drawn
     # once ~ U[device_memory_min_bytes, device_memory_max_bytes] from the seed.
     c.memory_budget_bytes = 0.0
-    c.device_memory_min_bytes = 4.0 * 2**20
+    c.device_memory_min_bytes = 4.5 * 2**20
     c.device_memory_max_bytes = 16.0 * 2**20
     c.proxy_samples = 256  # greedy: training samples of the server's proxy split
     c.proxy_steps = 8  # greedy: optimizer steps per candidate on the proxy split
