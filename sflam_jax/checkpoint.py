@@ -30,6 +30,7 @@ from sflam_jax.errors import CheckpointMismatchError
 RUN_CONTROL_FIELDS = frozenset(
     {
         "num_rounds",
+        "ftte.stop_sim_seconds",  # the asynchronous protocols' other stopping rule
         "eval_every",
         "data.idx_dir",
         "data.data_dir",
