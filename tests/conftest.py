@@ -4,9 +4,20 @@ import gzip
 import os
 import struct
 import sys
+import tempfile
 
-import numpy as np
-import pytest
+# One XLA compilation cache for the run, shared by both pytest-xdist workers and the CLI
+# subprocesses the tests start (they inherit the environment): many tests compile the same
+# tiny-config programs, and a cache hit returns the same executable, so no number changes. Set
+# before JAX is imported; a variable already set wins.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"sflam_jax_tests_xla_cache_{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)

@@ -228,7 +228,7 @@ def test_selected_subset_fits_the_budget_and_only_it_changes(tiny_config):
     norms, its kernels, ...) whose measured training memory fits the budget; FTTE's versions
     change exactly those parameters, and training them costs less memory, FLOPs and bytes than
     the whole model."""
-    cfg = _config(tiny_config, "ftte")
+    cfg = _config(tiny_config, "ftte", selection="all")
     exp, data, run_key = _build(cfg)
     training = exp.engine.clients.training
     whole = _whole(exp.initial)
@@ -241,7 +241,7 @@ def test_selected_subset_fits_the_budget_and_only_it_changes(tiny_config):
     budget = (memory[2] + memory[3]) / 2
     assert memory[2] < budget < memory[3]
 
-    cfg.ftte.memory_budget_bytes = budget
+    cfg.ftte.memory_budget_bytes, cfg.ftte.selection = budget, "last_blocks"
     exp, data, run_key = _build(cfg)
     subset = exp.engine.clients.subset
     assert subset == prefixes[2]
@@ -285,29 +285,25 @@ def _lines(workdir):
 
 
 def test_ftte_resumes_exactly_and_stops_on_the_clock(tiny_config, tmp_path):
-    """A run stopped after 2 versions and resumed writes the same metrics as an uninterrupted
-    one (the in-flight clients, their results, the clock and the key stream are in the
-    checkpoint); ``stop_sim_seconds`` ends the run at the first version past it."""
+    """``stop_sim_seconds`` ends a run at the first version past it; resumed without it, the run
+    writes the same metrics as an uninterrupted one (the in-flight clients, their results, the
+    clock and the key stream are in the checkpoint)."""
     cfg = _config(tiny_config, "ftte", straggler_fraction=0.5, memory_budget_bytes=3e5)
     cfg.num_rounds = 5
     whole = tmp_path / "whole"
     last = train.train_and_evaluate(cfg, str(whole))
-    part = tmp_path / "part"
-    short = cfg.copy_and_resolve_references()
-    short.num_rounds = 2
-    train.train_and_evaluate(short, str(part))
-    train.train_and_evaluate(cfg, str(part))
-    assert _lines(part) == _lines(whole)
     system = json.loads((whole / "system.json").read_text())
     assert system["device_memory_bytes"] < system["full_device_memory_bytes"]
 
-    times = [json.loads(line).get("sim_time_s") for line in _lines(whole)[1:]]
-    stop = (times[1] + times[2]) / 2
+    times = [json.loads(line)["sim_time_s"] for line in _lines(whole)[1:]]
+    part = tmp_path / "part"
     clocked = cfg.copy_and_resolve_references()
-    clocked.ftte.stop_sim_seconds = stop
-    record = train.train_and_evaluate(clocked, str(tmp_path / "clocked"))
+    clocked.ftte.stop_sim_seconds = (times[1] + times[2]) / 2
+    record = train.train_and_evaluate(clocked, str(part))
     assert record["round"] == 3 and last["round"] == 5
-    assert _lines(tmp_path / "clocked")[:3] == _lines(whole)[:3]
+    assert _lines(part) == _lines(whole)[:4]
+    train.train_and_evaluate(cfg, str(part))
+    assert _lines(part) == _lines(whole)
 
 
 @pytest.mark.parametrize(
