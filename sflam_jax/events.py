@@ -40,6 +40,11 @@ from sflam_jax.models import split as split_lib
 from sflam_jax.wireless.channel import SystemParams, draw_devices
 from sflam_jax.wireless.costs import client_trip_costs
 
+# What the three ``HEALTH`` flags of a version check, and what to change when one fails
+# (``base.check_health``).
+HEALTH_PARTS = ("loss", "update", "server")
+HEALTH_ADVICE = "Lower optimizer.learning_rate or ftte.server_lr"
+
 # fold_in constants of the run key's streams.
 _DISPATCH_STREAM = 0xD15
 _TRAIN_STREAM = 0x7A1

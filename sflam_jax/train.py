@@ -13,6 +13,7 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
+from sflam_jax import events
 from sflam_jax.algorithms.base import HEALTH, RoundState, check_health, make_evaluate
 from sflam_jax.checkpoint import Checkpointer, to_record
 from sflam_jax.experiment import build_run
@@ -135,6 +136,7 @@ def train_and_evaluate(
     last_eval = {}
     # An event-driven protocol may stop on its simulated clock before num_rounds versions.
     stop_s = float(config.ftte.stop_sim_seconds) if run.protocol.events else 0.0
+    health_words = (events.HEALTH_PARTS, events.HEALTH_ADVICE) if run.protocol.events else ()
     t_start = time.perf_counter()
     try:
         if start == 0 and config.eval_every:
@@ -149,7 +151,7 @@ def train_and_evaluate(
             state, metrics = round_fn(state, r)
             metrics = jax.device_get(metrics)
             # Stops before anything of this round is written; the last checkpoint stays good.
-            check_health(metrics.pop(HEALTH), metrics["clients"], r + 1)
+            check_health(metrics.pop(HEALTH), metrics["clients"], r + 1, *health_words)
             short = int(metrics.get("memory_infeasible_device", -1))
             if short >= 0 and primary:
                 tqdm.write(

@@ -338,3 +338,13 @@ def test_vectorized_sweeps_refuse_the_event_protocols(tiny_config):
     cfg = _config(tiny_config, "ftte")
     with pytest.raises(ConfigError, match="algorithm='ftte' is invalid in a vectorized sweep"):
         sweep.run_group([cfg], ["unused"], progress=False)
+
+
+def test_a_diverging_update_stops_the_run_naming_the_version_and_client(tiny_config, tmp_path):
+    from sflam_jax.errors import NonFiniteError
+
+    cfg = _config(tiny_config, "fedbuff")
+    cfg.optimizer.learning_rate, cfg.num_rounds = 1e4, 6
+    with pytest.raises(NonFiniteError, match=r"round \d+: client \d+ produced a non-finite") as e:
+        train.train_and_evaluate(cfg, str(tmp_path))
+    assert "update" in str(e.value) and "ftte.server_lr" in str(e.value)

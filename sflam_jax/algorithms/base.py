@@ -328,7 +328,12 @@ def finite_per_client(trees) -> jax.Array:
     return jnp.all(jnp.stack(leaves), axis=0)
 
 
-def check_health(health, clients, round_index: int) -> None:
+_HEALTH_ADVICE = "Lower optimizer.learning_rate or raise the quantization bits"
+
+
+def check_health(
+    health, clients, round_index: int, parts=_HEALTH_PARTS, advice: str = _HEALTH_ADVICE
+) -> None:
     """Raises ``NonFiniteError`` naming the round and the first client with a non-finite value.
 
     Args:
@@ -336,13 +341,15 @@ def check_health(health, clients, round_index: int) -> None:
         model for FL), finite server copy (the shared server segment for SFL-V2 and SL).
       clients: ``[S]`` the sampled client ids.
       round_index: the round's number (1-based, as in metrics.jsonl).
+      parts: the names of the three flags (the event protocols flag a client's update).
+      advice: what to change before resuming.
     """
     health, clients = np.asarray(health, bool), np.asarray(clients)
     bad = np.flatnonzero(~health.all(axis=0))
     if not len(bad):
         return
     first = bad[0]
-    parts = [name for name, ok in zip(_HEALTH_PARTS, health[:, first], strict=True) if not ok]
+    parts = [name for name, ok in zip(parts, health[:, first], strict=True) if not ok]
     if parts == ["server copy"]:
         where = f"the server (its segment for client {int(clients[first])})"
     else:
@@ -351,8 +358,7 @@ def check_health(health, clients, round_index: int) -> None:
     raise NonFiniteError(
         f"round {round_index}: {where} produced a non-finite {' and '.join(parts)}"
         + (f" (also clients {others})" if others else "")
-        + "; the round was not saved. Lower optimizer.learning_rate or raise the quantization "
-        "bits, then resume from the last good checkpoint."
+        + f"; the round was not saved. {advice}, then resume from the last good checkpoint."
     )
 
 
