@@ -135,7 +135,9 @@ class AsyncState:
     flight: Flight
 
     @classmethod
-    def create(cls, params_c: dict, params_s: dict, subset: frozenset, concurrency: int, k: int):
+    def create(
+        cls, params_c: dict, params_s: dict, subset: frozenset, concurrency: int, num_clients: int
+    ):
         """The state before the first version: nothing in flight."""
         c = concurrency
         whole = split_lib.merge_params(params_c, params_s)
@@ -164,7 +166,7 @@ class AsyncState:
             sim_energy_j=zero(),
             sim_bytes=zero(),
             dispatched=zero(jnp.int32),
-            seen=jnp.zeros((k,), bool),
+            seen=jnp.zeros((num_clients,), bool),
             flight=flight,
         )
 

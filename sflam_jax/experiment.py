@@ -25,7 +25,6 @@ from sflam_jax.algorithms.base import (
     make_optimizer,
     optimizer_slots,
 )
-from sflam_jax.algorithms.ftte import SparseClients
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.planner import RoundPlanner
 from sflam_jax.allocation.problem import Weights
@@ -283,7 +282,7 @@ def select_subset(config, training: sparse.SubsetTraining, params: dict, dataset
     parameter for FedBuff) and the budget it was chosen for (bytes; None: no selection)."""
     f = config.ftte
     everything = frozenset(sparse.leaf_paths(params))
-    if config.algorithm != "ftte" or f.selection == "all":
+    if not registry.get(config.algorithm).options(config)["sparse"] or f.selection == "all":
         return everything, None
     field = "ftte.memory_budget_bytes"
     budget = float(f.memory_budget_bytes)
@@ -311,24 +310,23 @@ def build_event_engine(config, model_cfg, model, params: dict, preprocess, datas
     buffer rule, trip costs and stragglers, and the numbers ``system.json`` reports (device
     training memory and bytes per update of ``w*`` against the whole model)."""
     protocol = registry.get(config.algorithm)
-    options = protocol.options(config)
-    _, run_key = jax.random.split(jax.random.key(config.seed))
     training = sparse.SubsetTraining(
         logits=model.whole_logits, preprocess=preprocess, optimizer=make_optimizer(config.optimizer)
     )
-    subset, budget = select_subset(config, training, params, dataset, run_key)
+    key = run_key(config.seed)
+    subset, budget = select_subset(config, training, params, dataset, key)
     batch = (config.train.batch_size, *dataset.image_shape)
     cost = training.cost(params, subset, batch)
     full = training.cost(params, frozenset(sparse.leaf_paths(params)), batch)
     f = config.ftte
     engine = events.EventEngine(
-        clients=SparseClients(
+        clients=protocol.make(
             training=training,
             subset=subset,
             local_epochs=config.train.local_epochs,
             batch_size=config.train.batch_size,
         ),
-        rule=options["rule"],
+        rule=protocol.options(config)["rule"],
         concurrency=f.concurrency,
         buffer_size=f.buffer_size,
         num_clients=config.data.num_clients,
@@ -338,7 +336,7 @@ def build_event_engine(config, model_cfg, model, params: dict, preprocess, datas
         cost=cost,
         total_params=sparse.size(params),
         slowdown=events.straggler_slowdowns(
-            run_key, config.data.num_clients, f.straggler_fraction, f.straggler_slowdown
+            key, config.data.num_clients, f.straggler_fraction, f.straggler_slowdown
         ),
     )
     names = [name for name, unit in sparse.units(params) if unit <= subset]
@@ -361,11 +359,16 @@ def build_event_engine(config, model_cfg, model, params: dict, preprocess, datas
 # -- the experiment -------------------------------------------------------------------------
 
 
+def run_key(seed) -> jax.Array:
+    """The run's key: the second half of ``split(key(seed))`` (the first initialises the model);
+    rounds fold their index into it, the event engine its dispatch and client counters."""
+    return jax.random.split(jax.random.key(seed))[1]
+
+
 def round_key(seed, r) -> jax.Array:
     """The key of round ``r`` (0-based): ``fold_in(run_key, r)``, traced inside the jitted round
     so every process derives it from the same two integers."""
-    _, run_key = jax.random.split(jax.random.key(seed))
-    return jax.random.fold_in(run_key, r)
+    return jax.random.fold_in(run_key(seed), r)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,20 +452,6 @@ def make_round(config, engine: Engine, state_shardings, dataset: Dataset, parts)
     up_bits = registry.get(config.algorithm).cut_bits(config.quant)[0]
     layout = engine.layout
     key_of = functools.partial(round_key, config.seed)
-    if isinstance(engine, events.EventEngine):
-        _, run_key = jax.random.split(jax.random.key(config.seed))
-        client_data = layout.replicate(
-            make_client_data(
-                dataset.train_images, dataset.train_labels, parts, config.train.batch_size
-            )
-        )
-        step = jax.jit(
-            lambda state, data: engine.step(state, data, run_key),
-            donate_argnums=0,
-            in_shardings=(state_shardings, layout.replicated),
-            out_shardings=(state_shardings, layout.replicated),
-        )
-        return lambda state, r: step(state, client_data)
     if config.train.stream or jax.process_count() > 1:
         host = HostClients.create(
             dataset.train_images,
@@ -484,6 +473,16 @@ def make_round(config, engine: Engine, state_shardings, dataset: Dataset, parts)
     client_data = layout.replicate(
         make_client_data(dataset.train_images, dataset.train_labels, parts, config.train.batch_size)
     )
+    if isinstance(engine, events.EventEngine):
+        # Not streamable (validation): the client table is always on the device.
+        key = run_key(config.seed)
+        step = jax.jit(
+            lambda state, data: engine.step(state, data, key),
+            donate_argnums=0,
+            in_shardings=(state_shardings, layout.replicated),
+            out_shardings=(state_shardings, layout.replicated),
+        )
+        return lambda state, r: step(state, client_data)
     jitted = jax.jit(
         lambda state, data, r: engine.round(state, data, key_of(r), up_bits),
         donate_argnums=0,

@@ -43,13 +43,6 @@ def discard_outputs(workdir: str) -> None:
             os.remove(path)
 
 
-def round_key(seed, r) -> jax.Array:
-    """The key of round ``r`` (0-based): ``fold_in(run_key, r)``, traced inside the jitted round
-    so every process derives it from the same two integers."""
-    _, run_key = jax.random.split(jax.random.key(seed))
-    return jax.random.fold_in(run_key, r)
-
-
 def evaluate_state(evaluate, state: RoundState, images, labels) -> dict:
     """Test loss and accuracy of the global model, as host values."""
     return jax.device_get(evaluate(state.params_c, state.params_s, images, labels))
@@ -137,6 +130,8 @@ def train_and_evaluate(
     # An event-driven protocol may stop on its simulated clock before num_rounds versions.
     stop_s = float(config.ftte.stop_sim_seconds) if run.protocol.events else 0.0
     health_words = (events.HEALTH_PARTS, events.HEALTH_ADVICE) if run.protocol.events else ()
+    # A resumed run that had already stopped on its clock trains nothing more.
+    end = start if 0 < stop_s <= float(state.sim_time_s) else config.num_rounds
     t_start = time.perf_counter()
     try:
         if start == 0 and config.eval_every:
@@ -144,9 +139,7 @@ def train_and_evaluate(
             last_eval = evaluate_state(evaluate, state, test_images, test_labels)
             record = {"round": 0, **last_eval}
             write(record, {"eval_s": time.perf_counter() - t_start, "elapsed_s": 0.0})
-        for r in range(start, config.num_rounds):
-            if 0 < stop_s <= float(state.sim_time_s):
-                break  # resumed after the run had already stopped on its clock
+        for r in range(start, end):
             t0 = time.perf_counter()
             state, metrics = round_fn(state, r)
             metrics = jax.device_get(metrics)

@@ -88,7 +88,7 @@ class Protocol:
         ``RoundPlanner``'s fields and the options its fields name; None: ``RoundPlanner``.
       events: trained on the simulated event clock by ``sflam_jax.events`` (FTTE, FedBuff)
         instead of in rounds: ``make`` is its client training class (built by
-        ``events.build_engine``), and the trainer's rounds are its server versions.
+        ``experiment.build_event_engine``), and the trainer's rounds are its server versions.
     """
 
     name: str
