@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sflam_jax.algorithms import sparse
-from sflam_jax.algorithms.base import HEALTH, finite_per_client, weighted_sum
+from sflam_jax.algorithms.base import HEALTH, average_or_keep, finite_per_client, weighted_sum
 from sflam_jax.algorithms.ftte import BufferRule, SparseClients
 from sflam_jax.data.batches import ClientData, gather_rows, local_steps
 from sflam_jax.models import split as split_lib
@@ -329,13 +329,13 @@ class EventEngine:
         a = self.rule.weights(f.count[slots], staleness, f.sigma2[slots])
         total = jnp.sum(a)
         deltas = jax.tree.map(lambda x: x[slots], f.delta)
-        mean = jax.tree.map(lambda x: x / jnp.where(total > 0, total, 1.0), weighted_sum(deltas, a))
+        # The weighted mean delta, or none when the buffer carries no weight (no samples).
+        zero = jax.tree.map(lambda x: jnp.zeros_like(x[0]), deltas)
+        mean = average_or_keep(weighted_sum(deltas, a), total, zero)
         whole = self.whole(state)
         subset = sparse.take(whole, self.clients.subset)
         stepped = jax.tree.map(lambda w, d: w + self.rule.server_lr * d, subset, mean)
-        new = sparse.overlay(
-            whole, jax.tree.map(lambda n, o: jnp.where(total > 0, n, o), stepped, subset)
-        )
+        new = sparse.overlay(whole, stepped)
         params_c, params_s = split_lib.split_params(new, self.cut_layer, self.depth)
         stats = jnp.sum(f.stats[slots], axis=0)
         energy = state.sim_energy_j + jnp.sum(f.energy_j[slots])
