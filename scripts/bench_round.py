@@ -198,7 +198,7 @@ def python_driven_round(run, dataset, sampled: list):
     import jax
     import jax.numpy as jnp
 
-    from sflam_jax import experiment
+    from sflam_jax import streams
     from sflam_jax.algorithms.base import weighted_sum
     from sflam_jax.data.batches import epoch_orders, gather_rows, local_steps, make_client_data
 
@@ -209,7 +209,7 @@ def python_driven_round(run, dataset, sampled: list):
     )
     plan_fn = jax.jit(
         lambda counts, r: engine.round_plan(
-            counts, experiment.round_key(cfg.seed, r), cfg.quant.up_bits
+            counts, streams.round_key(cfg.seed, r), cfg.quant.up_bits
         )
     )
     step = jax.jit(alg.client_step)
@@ -343,8 +343,8 @@ def engine_torch(sizes, rounds):
     from sflam_jax.data.batches import local_steps
     from sflam_jax.data.datasets import load_dataset
     from sflam_jax.data.partition import partition
-    from sflam_jax.experiment import round_key
     from sflam_jax.models.vit import PRESETS
+    from sflam_jax.streams import round_key
 
     cfg = bench_config(8, 0)
     dataset = load_dataset(cfg.data)

@@ -329,7 +329,7 @@ def sflam_figures(base, out: str, args, note: str, t0: float) -> None:
     )
 
     planner = experiment.planner_for(base, (28, 28, 1), 10)
-    params = experiment.system_params(base)
+    params = planner.params
     counts = np.full(s, 60000 // base.data.num_clients)
     steps = local_steps(counts, base.train.batch_size, base.train.local_epochs)
 

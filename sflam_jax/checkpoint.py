@@ -1,10 +1,11 @@
 """Orbax checkpoints of the whole round state: restore the latest good one, else start afresh.
 
-Each checkpoint holds two items: ``state`` (the ``RoundState``) and ``meta`` (the config that wrote
-it and a SHA-256 fingerprint of the state's bytes). On restore the newest checkpoint whose meta
-reads, whose config matches and whose state restores to the same fingerprint wins; an unreadable or
-altered one is moved to ``<run>/corrupt_checkpoints/`` with a warning and the previous one is tried.
-A checkpoint written by another config stops the run (``CheckpointMismatchError``).
+Each checkpoint holds two items: ``state`` (the engine's whole state) and ``meta`` (the config
+that wrote it and a SHA-256 fingerprint of the state's bytes). On restore the newest checkpoint
+whose meta reads, whose config matches and whose state restores to the same fingerprint wins; an
+unreadable or altered one is moved to ``<run>/corrupt_checkpoints/`` with a warning and the
+previous one is tried. A checkpoint written by another config stops the run
+(``CheckpointMismatchError``).
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from sflam_jax.algorithms.base import RoundState
 from sflam_jax.config import flatten
 from sflam_jax.errors import CheckpointMismatchError
 
 # Fields a resumed run may change: they steer the run (length, logging, checkpoint cadence, where
-# the files are) but not the numbers of a round. Every other field must match the checkpoint.
+# the files are) but not the numbers of a round. A protocol adds its own (``Protocol.run_control``);
+# every other field must match the checkpoint.
 RUN_CONTROL_FIELDS = frozenset(
     {
         "num_rounds",
-        "ftte.stop_sim_seconds",  # the asynchronous protocols' other stopping rule
         "eval_every",
         "data.idx_dir",
         "data.data_dir",
@@ -62,14 +62,16 @@ def to_record(cfg) -> dict:
     return json.loads(json.dumps(flatten(cfg)))
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """``"field is A there and B here"`` for each field outside ``RUN_CONTROL_FIELDS`` that differs
-    between two ``to_record`` dicts (a field missing on one side counts as different)."""
+def config_differences(saved: dict, current: dict, run_control=()) -> list[str]:
+    """``"field is A there and B here"`` for each field outside ``RUN_CONTROL_FIELDS`` and
+    ``run_control`` that differs between two ``to_record`` dicts (a field missing on one side
+    counts as different)."""
     missing = object()
+    free = RUN_CONTROL_FIELDS | frozenset(run_control)
     out = []
     for field in sorted(set(saved) | set(current)):
         a, b = saved.get(field, missing), current.get(field, missing)
-        if field not in RUN_CONTROL_FIELDS and a != b:
+        if field not in free and a != b:
             show = lambda v: "absent" if v is missing else repr(v)  # noqa: E731
             out.append(f"{field} is {show(a)} there and {show(b)} here")
     return out
@@ -94,7 +96,8 @@ def fingerprint(state) -> str:
 
 
 class Checkpointer:
-    """Saves ``RoundState`` every ``every`` rounds (and on request) under ``directory``.
+    """Saves the engine's state (any pytree) every ``every`` rounds (and on request) under
+    ``directory``.
 
     Orbax writes each step into a temporary directory and renames it when complete, so a run
     killed mid-write leaves the previous checkpoint as the latest.
@@ -105,13 +108,15 @@ class Checkpointer:
       max_to_keep: newest checkpoints kept (2 or more leave a fallback if the newest is damaged).
       config: the run's flattened config (``config.flatten``), stored with every checkpoint and
         compared on restore.
+      run_control: the protocol's own fields a resumed run may change (``Protocol.run_control``).
     """
 
-    def __init__(self, directory: str, every: int, max_to_keep: int, config: dict):
+    def __init__(self, directory: str, every: int, max_to_keep: int, config: dict, run_control=()):
         self.directory = os.path.abspath(directory)
         self.every = every
         self._max_to_keep = max_to_keep
         self._config = config
+        self._run_control = tuple(run_control)
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -120,7 +125,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True),
         )
 
-    def restore_or_init(self, initial: RoundState) -> RoundState:
+    def restore_or_init(self, initial):
         """The newest good saved state, or ``initial`` when there is none.
 
         Raises:
@@ -135,7 +140,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 (any read failure means a damaged checkpoint)
                 self._quarantine(step, f"its metadata does not read ({type(e).__name__}: {e})")
                 continue
-            differences = config_differences(saved_config, self._config)
+            differences = config_differences(saved_config, self._config, self._run_control)
             if differences:
                 raise CheckpointMismatchError(
                     f"the checkpoint of round {step} in {self.directory} was written by a "
@@ -177,7 +182,7 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"sflam_jax quarantine {step}")
         self._manager = self._open()
 
-    def maybe_save(self, state: RoundState, force: bool = False) -> None:
+    def maybe_save(self, state, force: bool = False) -> None:
         step = int(state.round)
         if force or step % self.every == 0:
             meta = {"config": self._config, "fingerprint": fingerprint(state)}

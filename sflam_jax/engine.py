@@ -21,6 +21,13 @@ rest of a round:
 
 ``Engine.round`` runs the three in one program over a device-resident client table;
 ``sflam_jax.streaming`` drives the same pieces from the host, one block of chunks per call.
+
+The engine interface: the trainer, the checkpointer and the sweep see every engine (this one, and
+the event engine of the asynchronous protocols, ``sflam_jax.events``) through the same members:
+``state_shardings(layout, initial)``, ``compile(state_shardings, client_data, seed) ->
+round_fn(state, r)``, ``finished(state)`` (a stop rule besides ``num_rounds``),
+``health_parts`` / ``health_advice`` (the words of ``base.check_health``) and the ``layout``
+field. A protocol builds its engine through ``Protocol.engine``.
 """
 
 from __future__ import annotations
@@ -31,10 +38,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sflam_jax import quant
+from sflam_jax import quant, streams
 from sflam_jax.algorithms.base import (
     HEALTH,
+    HEALTH_ADVICE,
+    HEALTH_PARTS,
     RoundState,
     average_or_keep,
     finite_per_client,
@@ -45,10 +55,6 @@ from sflam_jax.allocation.planner import PLAN_ENTRIES
 from sflam_jax.data.batches import ClientData, IndexedRows, gather_rows, local_steps
 
 SCHEDULES = ("lanes", "chunks")
-
-# fold_in constant of the round key's system-model stream (channel draws), apart from the
-# client-sampling and training streams that jax.random.split(key) gives.
-_SYSTEM_STREAM = 0x5157
 
 
 def _longest_first(tau: jax.Array) -> jax.Array:
@@ -77,6 +83,8 @@ class Engine:
       layout: ``sharding.Layout`` placing the client axis and the server segment on a mesh; None
         leaves placement to XLA (one device).
       schedule: ``"lanes"`` or ``"chunks"`` (module docstring).
+      up_bits: the uplink bits of ``compile``'s round when there is no planner (the protocol's
+        ``quant.up_bits``, or 32).
     """
 
     algorithm: Any
@@ -85,6 +93,35 @@ class Engine:
     planner: Callable | None = None
     layout: Any = None
     schedule: str = "lanes"
+    up_bits: int = quant.FLOAT_BITS
+
+    health_parts = HEALTH_PARTS
+    health_advice = HEALTH_ADVICE
+
+    # -- the engine interface ---------------------------------------------------------------
+
+    def state_shardings(self, layout, initial: RoundState):
+        """The round state's placement: client segment replicated, server segment by the
+        layout's logical-axis rules."""
+        return layout.state_shardings(initial)
+
+    def compile(self, state_shardings, client_data: ClientData, seed: int):
+        """``round_fn(state, r) -> (state, metrics)``: the jitted ``round`` over the
+        device-resident client table, with round ``r``'s key (``streams.round_key``)."""
+        replicated = self.layout.replicated
+        jitted = jax.jit(
+            lambda state, data, r: self.round(
+                state, data, streams.round_key(seed, r), self.up_bits
+            ),
+            donate_argnums=0,
+            in_shardings=(state_shardings, replicated, replicated),
+            out_shardings=(state_shardings, replicated),
+        )
+        return lambda state, r: jitted(state, client_data, np.int32(r))
+
+    def finished(self, state: RoundState) -> bool:
+        """Rounds stop only at ``num_rounds``."""
+        return False
 
     @property
     def chunk(self) -> int:
@@ -120,9 +157,7 @@ class Engine:
         system = {}
         if self.planner is not None:
             steps = self.local_steps(counts[clients])
-            bits, system = self.planner(
-                jax.random.fold_in(key, _SYSTEM_STREAM), steps, counts[clients]
-            )
+            bits, system = self.planner(streams.stream(key, streams.SYSTEM), steps, counts[clients])
         plan = {
             "clients": clients,
             "counts": counts[clients],

@@ -13,13 +13,16 @@ next server version, as one jit-able function of the whole ``AsyncState``:
    earliest are popped in that order (ties go to the earlier dispatch), the clock moves to the
    K-th arrival;
 3. **aggregate**: ``w* <- w* + eta_g sum_i a_i Delta_i / sum_i a_i``
-   (``algorithms.ftte.BufferRule``), the version is bumped, and the K slots are free for the
-   next step's dispatch.
+   (the protocol's buffer rule), the version is bumped, and the K slots are free for the next
+   step's dispatch.
 
 Randomness: dispatch ``d`` (the count of clients dispatched before it) draws its clients and
 devices from ``fold_in(stream, d)`` and client ``seq``'s training key is ``training_key(run_key,
 seq)``; with the state's counters that is the whole key stream, so a checkpoint of the state
 resumes exactly.
+
+The engine knows no protocol: a protocol module (``algorithms.ftte``) builds it with its client
+training, its buffer rule and its words for the health check (``Protocol.engine``).
 """
 
 from __future__ import annotations
@@ -32,29 +35,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sflam_jax import streams
 from sflam_jax.algorithms import sparse
 from sflam_jax.algorithms.base import HEALTH, average_or_keep, finite_per_client, weighted_sum
-from sflam_jax.algorithms.ftte import BufferRule, SparseClients
 from sflam_jax.data.batches import ClientData, gather_rows, local_steps
 from sflam_jax.models import split as split_lib
 from sflam_jax.wireless.channel import SystemParams, draw_devices
 from sflam_jax.wireless.costs import client_trip_costs
 
-# What the three ``HEALTH`` flags of a version check, and what to change when one fails
-# (``base.check_health``).
+# What the three ``HEALTH`` flags of a version check (``base.check_health``).
 HEALTH_PARTS = ("loss", "update", "server")
-HEALTH_ADVICE = "Lower optimizer.learning_rate or ftte.server_lr"
-
-# fold_in constants of the run key's streams.
-_DISPATCH_STREAM = 0xD15
-_TRAIN_STREAM = 0x7A1
-_STRAGGLER_STREAM = 0x5106
-_MEMORY_STREAM = 0x3E3
 
 
 def training_key(run_key: jax.Array, seq) -> jax.Array:
     """The local-training key of the ``seq``-th dispatched client (0-based)."""
-    return jax.random.fold_in(jax.random.fold_in(run_key, _TRAIN_STREAM), seq)
+    return jax.random.fold_in(streams.stream(run_key, streams.TRAIN), seq)
 
 
 def straggler_slowdowns(run_key: jax.Array, num_clients: int, fraction: float, slowdown: float):
@@ -62,7 +57,7 @@ def straggler_slowdowns(run_key: jax.Array, num_clients: int, fraction: float, s
     ``slowdown`` times longer; the rest 1."""
     stragglers = int(round(fraction * num_clients))
     order = np.asarray(
-        jax.random.permutation(jax.random.fold_in(run_key, _STRAGGLER_STREAM), num_clients)
+        jax.random.permutation(streams.stream(run_key, streams.STRAGGLER), num_clients)
     )
     factors = np.ones(num_clients, np.float32)
     factors[order[:stragglers]] = slowdown
@@ -72,7 +67,7 @@ def straggler_slowdowns(run_key: jax.Array, num_clients: int, fraction: float, s
 def device_memories(run_key: jax.Array, num_clients: int, low: float, high: float) -> np.ndarray:
     """``[K]`` training memory of every device in bytes, ~ U[low, high], drawn once from the run
     key (FTTE's default budget is the smallest)."""
-    key = jax.random.fold_in(run_key, _MEMORY_STREAM)
+    key = streams.stream(run_key, streams.MEMORY)
     u = np.asarray(jax.random.uniform(key, (num_clients,)), np.float64)
     return low + u * (high - low)
 
@@ -173,11 +168,16 @@ class AsyncState:
 
 @dataclasses.dataclass(frozen=True)
 class EventEngine:
-    """An asynchronous protocol's event loop.
+    """An asynchronous protocol's event loop; the trainer drives it through the engine interface
+    (``state_shardings``, ``compile``, ``finished``, ``health_parts``, ``health_advice``) like the
+    round engine (``engine.Engine``).
 
     Attributes:
-      clients: the local training of ``w*`` (``algorithms.ftte.SparseClients``).
-      rule: the buffer's weights and server step.
+      clients: the local training of ``w*``: ``train_batch(params, rows, counts, keys) -> (delta,
+        stats, sigma2)``, with ``subset``, ``batch_size`` and ``local_epochs``
+        (``algorithms.ftte.SparseClients``).
+      rule: the buffer's weights and server step: ``weights(counts, staleness, sigma2) -> [K]``
+        and ``server_lr`` (``algorithms.ftte.BufferRule``).
       concurrency: C, clients busy at once.
       buffer_size: K, arrivals per server update.
       num_clients: the population.
@@ -187,11 +187,13 @@ class EventEngine:
       cost: memory, FLOPs per sample and size of training ``w*`` (``sparse.SubsetCost``).
       total_params: values of the whole model (a device's first download).
       slowdown: ``[num_clients]`` trip-time factors (stragglers).
+      health_advice: what to change when a version's health check fails (the protocol's fields).
+      stop_sim_seconds: stop once the simulated clock passes this; 0: after the trainer's rounds.
       layout: ``sharding.Layout`` the trainer places the (replicated) state with; None: default.
     """
 
-    clients: SparseClients
-    rule: BufferRule
+    clients: Any
+    rule: Any
     concurrency: int
     buffer_size: int
     num_clients: int
@@ -201,7 +203,35 @@ class EventEngine:
     cost: sparse.SubsetCost
     total_params: int
     slowdown: np.ndarray
+    health_advice: str = "Lower optimizer.learning_rate"
+    stop_sim_seconds: float = 0.0
     layout: Any = None
+
+    health_parts = HEALTH_PARTS
+
+    # -- the engine interface -----------------------------------------------------------------
+
+    def state_shardings(self, layout, initial: AsyncState):
+        """The event loop's state (model, in-flight results) is replicated."""
+        return jax.tree.map(lambda _: layout.replicated, initial)
+
+    def compile(self, state_shardings, client_data: ClientData, seed: int):
+        """``round_fn(state, r) -> (state, metrics)``: one jitted ``step`` (the next server
+        version) over the device-resident client table; ``r`` is not needed (the state's counters
+        carry the key stream)."""
+        key = streams.run_key(seed)
+        replicated = self.layout.replicated
+        step = jax.jit(
+            lambda state, data: self.step(state, data, key),
+            donate_argnums=0,
+            in_shardings=(state_shardings, replicated),
+            out_shardings=(state_shardings, replicated),
+        )
+        return lambda state, r: step(state, client_data)
+
+    def finished(self, state: AsyncState) -> bool:
+        """Whether the simulated clock has passed ``stop_sim_seconds`` (host read)."""
+        return 0 < self.stop_sim_seconds <= float(state.sim_time_s)
 
     @property
     def subset_params(self) -> int:
@@ -248,7 +278,7 @@ class EventEngine:
           draw order; a dispatch that fills fewer slots uses the first ones.
         """
         k = self.buffer_size
-        key = jax.random.fold_in(jax.random.fold_in(run_key, _DISPATCH_STREAM), dispatched)
+        key = jax.random.fold_in(streams.stream(run_key, streams.DISPATCH), dispatched)
         pick_key, device_key = jax.random.split(key)
         u = jnp.where(in_flight, 2.0, jax.random.uniform(pick_key, (self.num_clients,)))
         clients = jnp.argsort(u, stable=True)[:k].astype(jnp.int32)

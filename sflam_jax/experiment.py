@@ -3,7 +3,8 @@
 ``build_experiment`` makes everything a run needs that does not depend on where it runs (no mesh,
 no device data); ``build_run`` places it on the mesh and compiles the round. The trainer
 (``train.py``), the sweeps (``sweep.py``), the scripts and the notebooks all build through here.
-The config's blocks become library objects here too (``system_params``, ``allocation_weights``).
+The config's blocks become library objects here too (``allocation_weights``). Nothing here names a
+protocol: a protocol with its own engine builds it through ``Protocol.engine``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from sflam_jax import events, quant
-from sflam_jax.algorithms import registry, sparse
+from sflam_jax import quant, streams
+from sflam_jax.algorithms import registry
 from sflam_jax.algorithms.base import (
+    EngineInputs,
     Preprocess,
     Protocol,
     RoundState,
@@ -42,11 +45,6 @@ from sflam_jax.wireless.channel import SystemParams
 from sflam_jax.wireless.costs import Workload, device_memory_bytes
 
 # -- config blocks -> library objects -------------------------------------------------------
-
-
-def system_params(cfg: ml_collections.ConfigDict) -> SystemParams:
-    """``wireless.channel.SystemParams`` from ``config.wireless``."""
-    return SystemParams(**{k: float(v) for k, v in cfg.wireless.items()})
 
 
 def allocation_weights(cfg: ml_collections.ConfigDict) -> Weights:
@@ -119,13 +117,9 @@ def build_model(config, dataset: Dataset, key: jax.Array):
     return model_cfg, model, params, preprocess
 
 
-# fold_in constant of the initialisation key for parameters a protocol adds (SFPrompt's prompts).
-_PROTOCOL_PARAMS = 0x9707
-
-
 def initial_state(model, params: dict, init_key: jax.Array) -> RoundState:
     """The state before round 1: the whole ViT tree cut into the model's two segments."""
-    params_c, params_s = model.segments(params, jax.random.fold_in(init_key, _PROTOCOL_PARAMS))
+    params_c, params_s = model.segments(params, streams.stream(init_key, streams.PROTOCOL_PARAMS))
     return RoundState.create(params_c, params_s)
 
 
@@ -141,10 +135,10 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
     latency and energy, and every baseline protocol's costs are reported next to them.
     """
     protocol = registry.get(config.algorithm)
-    if protocol.events:
+    if protocol.cost_model is None:
         raise ConfigError(
-            f"algorithm={config.algorithm!r} has no round planner: its event engine costs each "
-            "client's trip (sflam_jax.events, docs/ftte.md)"
+            f"algorithm={config.algorithm!r} has no round planner: its own engine costs its "
+            "clients (Protocol.engine)"
         )
     float_model = split_lib.split(model_cfg, config.model.cut_layer)
     image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
@@ -170,7 +164,7 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
     return planner(
         method=config.allocation.method,
         workload=workload,
-        params=system_params(config),
+        params=SystemParams.from_config(config.wireless),
         weights=allocation_weights(config),
         cost_model=protocol.bind(protocol.cost_model, config),
         cost_split=protocol.cost_split,
@@ -266,6 +260,7 @@ def build_engine(
         planner=planner,
         layout=layout,
         schedule=config.train.schedule,
+        up_bits=protocol.cut_bits(config.quant)[0],
     )
     if (
         algorithm.parallel
@@ -277,98 +272,37 @@ def build_engine(
     return engine
 
 
-def select_subset(config, training: sparse.SubsetTraining, params: dict, dataset, run_key):
-    """``w*`` of ``config.algorithm`` (FTTE's ``ftte.selection`` under its memory budget; every
-    parameter for FedBuff) and the budget it was chosen for (bytes; None: no selection)."""
-    f = config.ftte
-    everything = frozenset(sparse.leaf_paths(params))
-    if not registry.get(config.algorithm).options(config)["sparse"] or f.selection == "all":
-        return everything, None
-    field = "ftte.memory_budget_bytes"
-    budget = float(f.memory_budget_bytes)
-    if not budget:
-        field = "ftte.device_memory_min_bytes"
-        budget = float(
-            events.device_memories(
-                run_key,
-                config.data.num_clients,
-                f.device_memory_min_bytes,
-                f.device_memory_max_bytes,
-            ).min()
-        )
-    batch = (config.train.batch_size, *dataset.image_shape)
-    if f.selection == "last_blocks":
-        return sparse.select_last_blocks(training, params, batch, budget, field), budget
-    n = min(f.proxy_samples, len(dataset.train_labels))
-    proxy = (dataset.train_images[:n], dataset.train_labels[:n].astype(np.int32))
-    chosen = sparse.select_greedy(training, params, batch, budget, field, proxy, f.proxy_steps)
-    return chosen, budget
-
-
-def build_event_engine(config, model_cfg, model, params: dict, preprocess, dataset):
-    """The event loop of an asynchronous protocol (``sflam_jax.events``): its trainable subset,
-    buffer rule, trip costs and stragglers, and the numbers ``system.json`` reports (device
-    training memory and bytes per update of ``w*`` against the whole model)."""
-    protocol = registry.get(config.algorithm)
-    training = sparse.SubsetTraining(
-        logits=model.whole_logits, preprocess=preprocess, optimizer=make_optimizer(config.optimizer)
-    )
-    key = run_key(config.seed)
-    subset, budget = select_subset(config, training, params, dataset, key)
-    batch = (config.train.batch_size, *dataset.image_shape)
-    cost = training.cost(params, subset, batch)
-    full = training.cost(params, frozenset(sparse.leaf_paths(params)), batch)
-    f = config.ftte
-    engine = events.EventEngine(
-        clients=protocol.make(
-            training=training,
-            subset=subset,
-            local_epochs=config.train.local_epochs,
-            batch_size=config.train.batch_size,
-        ),
-        rule=protocol.options(config)["rule"],
-        concurrency=f.concurrency,
-        buffer_size=f.buffer_size,
-        num_clients=config.data.num_clients,
-        cut_layer=config.model.cut_layer,
-        depth=model_cfg.depth,
-        system=system_params(config),
-        cost=cost,
-        total_params=sparse.size(params),
-        slowdown=events.straggler_slowdowns(
-            key, config.data.num_clients, f.straggler_fraction, f.straggler_slowdown
-        ),
-    )
-    names = [name for name, unit in sparse.units(params) if unit <= subset]
-    system = {
-        "trainable_units": names,
-        "trainable_params": cost.params,
-        "total_params": engine.total_params,
-        "memory_budget_bytes": budget,
-        "device_memory_bytes": cost.memory_bytes,
-        "full_device_memory_bytes": full.memory_bytes,
-        "flops_per_sample": cost.flops_per_sample,
-        "full_flops_per_sample": full.flops_per_sample,
-        "update_bytes": 4.0 * cost.params,
-        "full_update_bytes": 4.0 * engine.total_params,
-        "stragglers": int((engine.slowdown > 1).sum()),
-    }
-    return engine, system
-
-
 # -- the experiment -------------------------------------------------------------------------
 
 
-def run_key(seed) -> jax.Array:
-    """The run's key: the second half of ``split(key(seed))`` (the first initialises the model);
-    rounds fold their index into it, the event engine its dispatch and client counters."""
-    return jax.random.split(jax.random.key(seed))[1]
-
-
-def round_key(seed, r) -> jax.Array:
-    """The key of round ``r`` (0-based): ``fold_in(run_key, r)``, traced inside the jitted round
-    so every process derives it from the same two integers."""
-    return jax.random.fold_in(run_key(seed), r)
+def round_engine(config, inputs: EngineInputs):
+    """The round engine (``engine.Engine``) of a protocol without its own ``Protocol.engine``:
+    its algorithm, the planner, the lanes; the state before round 1 and ``system.json``'s
+    workload, device memory and lanes."""
+    protocol = registry.get(config.algorithm)
+    model_cfg = inputs.model_cfg
+    initial = initial_state(inputs.model, inputs.params, inputs.init_key)
+    # FLOPs and memory from the parameter shapes alone: XLA's cost analysis of arrays placed on
+    # a mesh would count one device's share.
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs.params)
+    params_c, params_s = split_lib.split_params(shapes, config.model.cut_layer, model_cfg.depth)
+    planner = build_planner(config, model_cfg, params_c, params_s)
+    system = {
+        **dataclasses.asdict(planner.workload),
+        **device_memory(config, model_cfg, params_c, params_s),
+    }
+    engine = build_engine(
+        config,
+        protocol,
+        inputs.model,
+        inputs.preprocess,
+        planner,
+        client_sizes=[len(p) for p in inputs.parts],
+    )
+    if engine.algorithm.parallel:
+        # The lanes the engine chose (train.chunk_size = 0) or was given, rounded to the mesh.
+        system["lanes"] = engine.chunk
+    return engine, initial, system
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,8 +311,10 @@ class Experiment:
 
     Attributes:
       protocol: the registered protocol of ``config.algorithm``.
-      engine: its round (no layout: one device, default placement).
-      initial: the state before round 1 (not placed).
+      engine: its engine (``engine.Engine``, or the protocol's own through ``Protocol.engine``;
+        the interface is in ``sflam_jax.engine``'s docstring); no layout: one device, default
+        placement.
+      initial: the state before round 1 (not placed): the engine's state type.
       system: the workload and device-memory numbers written to ``system.json``.
     """
 
@@ -388,8 +324,8 @@ class Experiment:
     parts: list
     model: split_lib.SplitModel
     preprocess: Preprocess
-    engine: Engine
-    initial: RoundState
+    engine: Any
+    initial: Any
     system: dict
 
 
@@ -405,33 +341,10 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset | None 
     parts = partition(dataset.train_labels, config.data, config.seed)
     validate_partition(config, [len(p) for p in parts])
 
-    init_key, _ = jax.random.split(jax.random.key(config.seed))
+    init_key = streams.init_key(config.seed)
     model_cfg, model, params, preprocess = build_model(config, dataset, init_key)
-    if protocol.events:
-        engine, system = build_event_engine(config, model_cfg, model, params, preprocess, dataset)
-        params_c, params_s = model.segments(params)
-        initial = events.AsyncState.create(
-            params_c, params_s, engine.clients.subset, engine.concurrency, config.data.num_clients
-        )
-        return Experiment(
-            config, protocol, dataset, parts, model, preprocess, engine, initial, system
-        )
-    initial = initial_state(model, params, init_key)
-    # FLOPs and memory from the parameter shapes alone: XLA's cost analysis of arrays placed on
-    # a mesh would count one device's share.
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    params_c, params_s = split_lib.split_params(shapes, config.model.cut_layer, model_cfg.depth)
-    planner = build_planner(config, model_cfg, params_c, params_s)
-    system = {
-        **dataclasses.asdict(planner.workload),
-        **device_memory(config, model_cfg, params_c, params_s),
-    }
-    engine = build_engine(
-        config, protocol, model, preprocess, planner, client_sizes=[len(p) for p in parts]
-    )
-    if engine.algorithm.parallel:
-        # The lanes the engine chose (train.chunk_size = 0) or was given, rounded to the mesh.
-        system["lanes"] = engine.chunk
+    inputs = EngineInputs(dataset, parts, model_cfg, model, params, preprocess, init_key)
+    engine, initial, system = (protocol.engine or round_engine)(config, inputs)
     return Experiment(
         config=config,
         protocol=protocol,
@@ -449,10 +362,9 @@ def make_round(config, engine: Engine, state_shardings, dataset: Dataset, parts)
     """``round_fn(state, r) -> (state, metrics)``: the jitted round over a device-resident client
     table, or with ``train.stream`` (always with several processes) the host-streamed round over
     this process's clients."""
-    up_bits = registry.get(config.algorithm).cut_bits(config.quant)[0]
     layout = engine.layout
-    key_of = functools.partial(round_key, config.seed)
     if config.train.stream or jax.process_count() > 1:
+        # Only protocols on the round engine are streamable (validation).
         host = HostClients.create(
             dataset.train_images,
             dataset.train_labels,
@@ -467,29 +379,14 @@ def make_round(config, engine: Engine, state_shardings, dataset: Dataset, parts)
                 f"({len(host.labels)} training samples)",
                 file=sys.stderr,
             )
+        key_of = functools.partial(streams.round_key, config.seed)
         return StreamedRound(
-            engine, host, config.train.chunks_per_block, up_bits, state_shardings, key_of
+            engine, host, config.train.chunks_per_block, engine.up_bits, state_shardings, key_of
         )
     client_data = layout.replicate(
         make_client_data(dataset.train_images, dataset.train_labels, parts, config.train.batch_size)
     )
-    if isinstance(engine, events.EventEngine):
-        # Not streamable (validation): the client table is always on the device.
-        key = run_key(config.seed)
-        step = jax.jit(
-            lambda state, data: engine.step(state, data, key),
-            donate_argnums=0,
-            in_shardings=(state_shardings, layout.replicated),
-            out_shardings=(state_shardings, layout.replicated),
-        )
-        return lambda state, r: step(state, client_data)
-    jitted = jax.jit(
-        lambda state, data, r: engine.round(state, data, key_of(r), up_bits),
-        donate_argnums=0,
-        in_shardings=(state_shardings, layout.replicated, layout.replicated),
-        out_shardings=(state_shardings, layout.replicated),
-    )
-    return lambda state, r: jitted(state, client_data, np.int32(r))
+    return engine.compile(state_shardings, client_data, config.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,7 +401,7 @@ class Run(Experiment):
     """
 
     layout: Layout | None = None
-    state_shardings: RoundState | None = None
+    state_shardings: Any = None
     round_fn: object = None
 
 
@@ -513,11 +410,7 @@ def build_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
     (``jax.distributed`` must already be started for a multi-process run)."""
     exp = build_experiment(config, dataset)
     layout = Layout.from_config(config.sharding)
-    if exp.protocol.events:
-        # The event loop's state (model, in-flight results) is replicated.
-        state_shardings = jax.tree.map(lambda _: layout.replicated, exp.initial)
-    else:
-        state_shardings = layout.state_shardings(exp.initial)
+    state_shardings = exp.engine.state_shardings(layout, exp.initial)
     engine = dataclasses.replace(exp.engine, layout=layout)
     fields = {f.name: getattr(exp, f.name) for f in dataclasses.fields(Experiment)}
     fields.update(engine=engine, initial=layout.place(exp.initial, state_shardings))

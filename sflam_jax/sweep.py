@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from sflam_jax import experiment, quant
+from sflam_jax import experiment, quant, streams
 from sflam_jax.algorithms import registry
 from sflam_jax.algorithms.base import HEALTH, check_health, make_evaluate, make_optimizer
 from sflam_jax.config import flatten
@@ -216,11 +216,11 @@ def run_group(cfgs: list, directories: list[str], progress: bool = True) -> None
       progress: show a progress bar over rounds.
     """
     base = cfgs[0]
-    if registry.get(base.algorithm).events:
+    if registry.get(base.algorithm).engine is not None:
         raise ConfigError(
             f"algorithm={base.algorithm!r} is invalid in a vectorized sweep: it runs on its own "
-            "event clock (sflam_jax.events), not in rounds; train its points one by one with "
-            "python -m sflam_jax.main (scripts/reproduce_paper.py --part ftte does)"
+            "engine (Protocol.engine), not on the round engine the sweep vectorizes; train its "
+            "points one by one with python -m sflam_jax.main"
         )
     # Model, protocol and engine once for the group; the group's client tables live on the device.
     exp = experiment.build_experiment(base)
@@ -231,7 +231,7 @@ def run_group(cfgs: list, directories: list[str], progress: bool = True) -> None
 
     def point_round(state, data, r, v):
         up_bits = v["quant.up_bits"] if up_fixed is None else up_fixed
-        return specialize(exp, v).round(state, data, experiment.round_key(v["seed"], r), up_bits)
+        return specialize(exp, v).round(state, data, streams.round_key(v["seed"], r), up_bits)
 
     data_axes = ClientData(images=None, labels=None, index=0, counts=0)
     round_fn = jax.jit(jax.vmap(point_round, in_axes=(0, data_axes, None, 0)), donate_argnums=0)

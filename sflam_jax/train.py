@@ -13,8 +13,7 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
-from sflam_jax import events
-from sflam_jax.algorithms.base import HEALTH, RoundState, check_health, make_evaluate
+from sflam_jax.algorithms.base import HEALTH, check_health, make_evaluate
 from sflam_jax.checkpoint import Checkpointer, to_record
 from sflam_jax.experiment import build_run
 from sflam_jax.metrics import MetricWriter, atomic_write_text, read_jsonl, to_python
@@ -43,7 +42,7 @@ def discard_outputs(workdir: str) -> None:
             os.remove(path)
 
 
-def evaluate_state(evaluate, state: RoundState, images, labels) -> dict:
+def evaluate_state(evaluate, state, images, labels) -> dict:
     """Test loss and accuracy of the global model, as host values."""
     return jax.device_get(evaluate(state.params_c, state.params_s, images, labels))
 
@@ -85,6 +84,7 @@ def train_and_evaluate(
         config.checkpoint.every,
         config.checkpoint.max_to_keep,
         to_record(config),
+        run_control=run.protocol.run_control,
     )
     try:
         state = checkpointer.restore_or_init(initial)
@@ -127,11 +127,10 @@ def train_and_evaluate(
         dynamic_ncols=True,
     )
     last_eval = {}
-    # An event-driven protocol may stop on its simulated clock before num_rounds versions.
-    stop_s = float(config.ftte.stop_sim_seconds) if run.protocol.events else 0.0
-    health_words = (events.HEALTH_PARTS, events.HEALTH_ADVICE) if run.protocol.events else ()
-    # A resumed run that had already stopped on its clock trains nothing more.
-    end = start if 0 < stop_s <= float(state.sim_time_s) else config.num_rounds
+    engine = run.engine
+    # An engine may stop before num_rounds (the event protocols on their simulated clock); a
+    # resumed run that had already stopped trains nothing more.
+    end = start if engine.finished(state) else config.num_rounds
     t_start = time.perf_counter()
     try:
         if start == 0 and config.eval_every:
@@ -144,7 +143,13 @@ def train_and_evaluate(
             state, metrics = round_fn(state, r)
             metrics = jax.device_get(metrics)
             # Stops before anything of this round is written; the last checkpoint stays good.
-            check_health(metrics.pop(HEALTH), metrics["clients"], r + 1, *health_words)
+            check_health(
+                metrics.pop(HEALTH),
+                metrics["clients"],
+                r + 1,
+                engine.health_parts,
+                engine.health_advice,
+            )
             short = int(metrics.get("memory_infeasible_device", -1))
             if short >= 0 and primary:
                 tqdm.write(
@@ -155,7 +160,7 @@ def train_and_evaluate(
                 )
             t1 = time.perf_counter()
             record = {"round": r + 1, **metrics}
-            done = r + 1 == config.num_rounds or (0 < stop_s <= float(state.sim_time_s))
+            done = r + 1 == config.num_rounds or engine.finished(state)
             if done or (config.eval_every and (r + 1) % config.eval_every == 0):
                 last_eval = evaluate_state(evaluate, state, test_images, test_labels)
                 record.update(last_eval)

@@ -86,9 +86,12 @@ class Protocol:
       planner: its round planner class when it decides more than power, bandwidth and bits
         (ESFL's ``allocation.planner.CutPlanner``: cuts and server shares), built with
         ``RoundPlanner``'s fields and the options its fields name; None: ``RoundPlanner``.
-      events: trained on the simulated event clock by ``sflam_jax.events`` (FTTE, FedBuff)
-        instead of in rounds: ``make`` is its client training class (built by
-        ``experiment.build_event_engine``), and the trainer's rounds are its server versions.
+      engine: ``(config, EngineInputs) -> (engine, initial state, system dict)``, its own
+        engine (the asynchronous protocols' event loop, ``sflam_jax.events``): anything with the
+        engine interface (``sflam_jax.engine``'s docstring); the trainer's rounds are its steps.
+        None: the round engine (``engine.Engine``) with ``make``'s algorithm and the planner.
+      run_control: fields of its config block a resumed run may change (they steer the run, not
+        the numbers of a step), in addition to ``checkpoint.RUN_CONTROL_FIELDS``.
     """
 
     name: str
@@ -109,7 +112,8 @@ class Protocol:
     workload: Callable[..., Any] | None = None
     loads: Callable[..., dict] | None = None
     planner: type | None = None
-    events: bool = False
+    engine: Callable[..., tuple] | None = None
+    run_control: tuple[str, ...] = ()
 
     def bind(self, fn: Callable, config) -> Callable:
         """``fn`` (``make`` or ``cost_model``) with the protocol's options for ``config`` that
@@ -143,6 +147,29 @@ def baseline(name: str, title: str, make, cost_model, cost_split: bool, streamab
         streamable=streamable,
         baseline=True,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInputs:
+    """What ``Protocol.engine`` builds an engine from (``experiment.build_experiment``).
+
+    Attributes:
+      dataset: the training and test data (``data.datasets.Dataset``).
+      parts: the partition, one index array per client.
+      model_cfg: the ViT's ``ViTConfig``.
+      model: the protocol's split of it (``Protocol.build``, else the cut at ``model.cut_layer``).
+      params: the whole ViT's initial parameters.
+      preprocess: the input preprocessing.
+      init_key: the initialisation key (``streams.init_key``).
+    """
+
+    dataset: Any
+    parts: list
+    model_cfg: Any
+    model: Any
+    params: dict
+    preprocess: Any
+    init_key: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +344,10 @@ def masked_cross_entropy(
 
 # Metrics key of the per-client finite flags a round returns for the trainer's guard.
 HEALTH = "health"
-_HEALTH_PARTS = ("loss", "client segment", "server copy")
+# What the three flags of a round check, and what to change when one fails (the round engine's
+# words; an engine may name its own, ``engine.Engine.health_parts``).
+HEALTH_PARTS = ("loss", "client segment", "server copy")
+HEALTH_ADVICE = "Lower optimizer.learning_rate or raise the quantization bits"
 
 
 def finite_per_client(trees) -> jax.Array:
@@ -328,11 +358,8 @@ def finite_per_client(trees) -> jax.Array:
     return jnp.all(jnp.stack(leaves), axis=0)
 
 
-_HEALTH_ADVICE = "Lower optimizer.learning_rate or raise the quantization bits"
-
-
 def check_health(
-    health, clients, round_index: int, parts=_HEALTH_PARTS, advice: str = _HEALTH_ADVICE
+    health, clients, round_index: int, parts=HEALTH_PARTS, advice: str = HEALTH_ADVICE
 ) -> None:
     """Raises ``NonFiniteError`` naming the round and the first client with a non-finite value.
 

@@ -22,15 +22,19 @@ one FedAvg round over the clients dispatched at it (tested against the synchrono
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from sflam_jax import events, streams
 from sflam_jax.algorithms import sparse
-from sflam_jax.algorithms.base import Protocol
+from sflam_jax.algorithms.base import EngineInputs, Protocol, make_optimizer
 from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
 from sflam_jax.errors import ConfigError
+from sflam_jax.wireless.channel import SystemParams
 
 # The values of ``ftte.staleness``.
 STALENESS = ("polynomial", "none")
@@ -243,6 +247,97 @@ def rule(cfg, sparse_variant: bool) -> BufferRule:
     )
 
 
+def select_subset(
+    config, training: sparse.SubsetTraining, params: dict, dataset, run_key, sparse_variant: bool
+):
+    """``w*`` (``ftte.selection`` under the memory budget; every parameter for FedBuff,
+    ``sparse_variant = False``, or ``selection = "all"``) and the budget it was chosen for (bytes;
+    None: no selection)."""
+    f = config.ftte
+    everything = frozenset(sparse.leaf_paths(params))
+    if not sparse_variant or f.selection == "all":
+        return everything, None
+    field = "ftte.memory_budget_bytes"
+    budget = float(f.memory_budget_bytes)
+    if not budget:
+        field = "ftte.device_memory_min_bytes"
+        budget = float(
+            events.device_memories(
+                run_key,
+                config.data.num_clients,
+                f.device_memory_min_bytes,
+                f.device_memory_max_bytes,
+            ).min()
+        )
+    batch = (config.train.batch_size, *dataset.image_shape)
+    if f.selection == "last_blocks":
+        return sparse.select_last_blocks(training, params, batch, budget, field), budget
+    n = min(f.proxy_samples, len(dataset.train_labels))
+    proxy = (dataset.train_images[:n], dataset.train_labels[:n].astype(np.int32))
+    chosen = sparse.select_greedy(training, params, batch, budget, field, proxy, f.proxy_steps)
+    return chosen, budget
+
+
+def build_engine(config, inputs: EngineInputs, sparse_variant: bool):
+    """``Protocol.engine`` of FTTE (``sparse_variant``) and FedBuff: the event loop
+    (``sflam_jax.events``) with its trainable subset, buffer rule, trip costs and stragglers, the
+    state before the first version, and the numbers ``system.json`` reports (device training
+    memory and bytes per update of ``w*`` against the whole model)."""
+    params, dataset = inputs.params, inputs.dataset
+    training = sparse.SubsetTraining(
+        logits=inputs.model.whole_logits,
+        preprocess=inputs.preprocess,
+        optimizer=make_optimizer(config.optimizer),
+    )
+    key = streams.run_key(config.seed)
+    subset, budget = select_subset(config, training, params, dataset, key, sparse_variant)
+    batch = (config.train.batch_size, *dataset.image_shape)
+    cost = training.cost(params, subset, batch)
+    full = training.cost(params, frozenset(sparse.leaf_paths(params)), batch)
+    f = config.ftte
+    engine = events.EventEngine(
+        clients=SparseClients(
+            training=training,
+            subset=subset,
+            local_epochs=config.train.local_epochs,
+            batch_size=config.train.batch_size,
+        ),
+        rule=rule(config, sparse_variant),
+        concurrency=f.concurrency,
+        buffer_size=f.buffer_size,
+        num_clients=config.data.num_clients,
+        cut_layer=config.model.cut_layer,
+        depth=inputs.model_cfg.depth,
+        system=SystemParams.from_config(config.wireless),
+        cost=cost,
+        total_params=sparse.size(params),
+        slowdown=events.straggler_slowdowns(
+            key, config.data.num_clients, f.straggler_fraction, f.straggler_slowdown
+        ),
+        health_advice="Lower optimizer.learning_rate or ftte.server_lr",
+        stop_sim_seconds=float(f.stop_sim_seconds),
+    )
+    params_c, params_s = inputs.model.segments(params)
+    initial = events.AsyncState.create(
+        params_c, params_s, subset, engine.concurrency, config.data.num_clients
+    )
+    names = [name for name, unit in sparse.units(params) if unit <= subset]
+    system = {
+        "trainable_units": names,
+        "trainable_params": cost.params,
+        "total_params": engine.total_params,
+        "memory_budget_bytes": budget,
+        "device_memory_bytes": cost.memory_bytes,
+        "full_device_memory_bytes": full.memory_bytes,
+        "flops_per_sample": cost.flops_per_sample,
+        "full_flops_per_sample": full.flops_per_sample,
+        "update_bytes": 4.0 * cost.params,
+        "full_update_bytes": 4.0 * engine.total_params,
+        "stragglers": int((engine.slowdown > 1).sum()),
+    }
+    return engine, initial, system
+
+
 def _protocol(name: str, title: str, sparse_variant: bool, **block) -> Protocol:
     return Protocol(
         name=name,
@@ -256,8 +351,8 @@ def _protocol(name: str, title: str, sparse_variant: bool, **block) -> Protocol:
         optimizes_bits=False,
         streamable=False,
         baseline=False,
-        events=True,
-        options=lambda cfg: {"rule": rule(cfg, sparse_variant), "sparse": sparse_variant},
+        engine=functools.partial(build_engine, sparse_variant=sparse_variant),
+        run_control=("ftte.stop_sim_seconds",),
         **block,
     )
 

@@ -44,6 +44,11 @@ class SystemParams:
     kappa: float = 1e-28
     server_flops: float = 100e12
 
+    @classmethod
+    def from_config(cls, wireless) -> SystemParams:
+        """The constants of a ``config.wireless`` block."""
+        return cls(**{k: float(v) for k, v in wireless.items()})
+
     @property
     def noise_w_per_hz(self) -> float:
         return 10.0 ** ((self.noise_dbm_per_hz - 30.0) / 10.0)
