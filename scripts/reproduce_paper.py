@@ -848,6 +848,12 @@ FTTE_HORIZON_S = 200.0  # simulated seconds every run may use
 FTTE_MAX_VERSIONS = 1500  # a cap; the clock horizon ends every run here
 FTTE_TARGETS = (0.5, 0.7)  # test accuracies whose simulated times are compared
 FTTE_LABELS = {"fedavg": "FedAvg (synchronous)", "fedbuff": "FedBuff", "ftte": "FTTE"}
+# Each method as a protocol and its ftte block: FedAvg is the event engine's K = C, s = u = 1 limit.
+FTTE_METHODS = {
+    "fedavg": ("fedbuff", {"concurrency": 10, "buffer_size": 10, "staleness": "none"}),
+    "fedbuff": ("fedbuff", {"concurrency": 30, "buffer_size": 10}),
+    "ftte": ("ftte", {"concurrency": 30, "buffer_size": 10}),
+}
 # The paper's headline claims against FedAvg (CIFAR-10).
 FTTE_CLAIMS = {"time_to_target": 0.81, "device_memory": 0.80, "payload": 0.69}
 
@@ -857,9 +863,9 @@ def ftte_configs(base) -> dict:
     and FTTE on 500 Fashion-MNIST clients at each straggler share."""
     runs = {}
     for share in FTTE_STRAGGLERS:
-        for method in FTTE_LABELS:
+        for method, (algorithm, block) in FTTE_METHODS.items():
             c = base.copy_and_resolve_references()
-            c.algorithm = "ftte" if method == "ftte" else "fedbuff"
+            c.algorithm = algorithm
             c.data.num_clients = FTTE_CLIENTS
             c.num_rounds = FTTE_MAX_VERSIONS
             c.eval_every = 5
@@ -867,11 +873,7 @@ def ftte_configs(base) -> dict:
             f.straggler_fraction, f.straggler_slowdown = share, FTTE_SLOWDOWN
             f.memory_budget_bytes = FTTE_BUDGET_BYTES
             f.stop_sim_seconds = FTTE_HORIZON_S
-            if method == "fedavg":
-                f.concurrency = f.buffer_size = 10
-                f.staleness = "none"
-            else:
-                f.concurrency, f.buffer_size = 30, 10
+            f.update(block)
             runs[f"{method}_stragglers{int(round(100 * share))}"] = c
     return runs
 

@@ -3,8 +3,8 @@
 ``build_experiment`` makes everything a run needs that does not depend on where it runs (no mesh,
 no device data); ``build_run`` places it on the mesh and compiles the round. The trainer
 (``train.py``), the sweeps (``sweep.py``), the scripts and the notebooks all build through here.
-The config's blocks become library objects here too (``allocation_weights``). Nothing here names a
-protocol: a protocol with its own engine builds it through ``Protocol.engine``.
+Nothing here names a protocol: a protocol with its own engine builds it through
+``Protocol.engine``.
 """
 
 from __future__ import annotations
@@ -45,21 +45,6 @@ from sflam_jax.wireless.channel import SystemParams
 from sflam_jax.wireless.costs import Workload, device_memory_bytes
 
 # -- config blocks -> library objects -------------------------------------------------------
-
-
-def allocation_weights(cfg: ml_collections.ConfigDict) -> Weights:
-    """``allocation.problem.Weights`` from ``config.allocation`` (validated there); the downlink
-    bits are the protocol's."""
-    a = cfg.allocation
-    return Weights(
-        w_t=float(a.w_t),
-        w_e=float(a.w_e),
-        bits_min=a.bits_min,
-        bits_max=a.bits_max,
-        eps_q=float(a.eps_q),
-        value_range=float(a.value_range),
-        down_bits=registry.get(cfg.algorithm).cut_bits(cfg.quant)[1],
-    )
 
 
 # -- model ----------------------------------------------------------------------------------
@@ -165,7 +150,7 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         method=config.allocation.method,
         workload=workload,
         params=SystemParams.from_config(config.wireless),
-        weights=allocation_weights(config),
+        weights=Weights.from_config(config.allocation, protocol.cut_bits(config.quant)[1]),
         cost_model=protocol.bind(protocol.cost_model, config),
         cost_split=protocol.cost_split,
         comparisons=tuple((p.name, p.cost_model) for p in registry.baselines()),

@@ -12,6 +12,7 @@ import ml_collections
 
 from sflam_jax.algorithms import registry
 from sflam_jax.algorithms.base import OPTIMIZERS
+from sflam_jax.allocation.problem import Weights
 from sflam_jax.config import base_config, flatten, get
 from sflam_jax.engine import SCHEDULES
 from sflam_jax.errors import ConfigError
@@ -177,10 +178,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _integer(cfg, "allocation.bits_max")
     _positive(cfg, "allocation.value_range")
     _int_in(cfg, "allocation.pgd_steps", 1)
-    from sflam_jax.experiment import allocation_weights
-
     try:
-        allocation_weights(cfg)
+        Weights.from_config(cfg.allocation, protocol.cut_bits(cfg.quant)[1])
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if protocol.validate is not None:

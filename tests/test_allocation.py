@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sflam_jax.allocation import exact, pgd
+from sflam_jax.allocation import deadline, exact, pgd
 from sflam_jax.allocation import problem as pb
 from sflam_jax.wireless import channel, costs
 
@@ -77,7 +77,7 @@ def test_exact_solution_structure():
         noise = jax.random.normal(jax.random.key(seed), (6,)) * 0.01
         beta = allocation.bandwidth_hz * jnp.exp(noise)
         beta = beta / beta.sum() * PARAMS.bandwidth_hz
-        other, _ = pgd.polish(problem, beta, bits)
+        other, _ = deadline.polish(problem, beta, bits)
         assert float(pb.evaluate(problem, other)["objective"]) >= float(diag["objective"]) * (
             1 - 1e-6
         )
@@ -164,7 +164,7 @@ def test_bcd_swap_matching_on_subchannels():
     continuous, cont = bcd.allocate(problem, bits)
     start = bcd.round_to_subchannels(continuous.bandwidth_hz, PARAMS.bandwidth_hz, n)
     assert float(start.sum()) == n and float(start.min()) >= 1
-    rounded, _ = pgd.polish(problem, start * PARAMS.bandwidth_hz / n, bits)
+    rounded, _ = deadline.polish(problem, start * PARAMS.bandwidth_hz / n, bits)
     allocation, diag = jax.jit(lambda p: bcd.allocate(p, bits, subchannels=n))(problem)
     units = np.asarray(allocation.bandwidth_hz) / (PARAMS.bandwidth_hz / n)
     np.testing.assert_allclose(units, np.round(units), atol=1e-3)

@@ -8,8 +8,8 @@ Blocks, visited in turn for a fixed number of iterations:
   ``sum_k beta_k = B`` (bisection on T, and on each ``beta_k``);
 - power, for the current bandwidth: for a fixed split the problem is one-dimensional and convex in
   the deadline (each device sends at the least power that meets it), solved exactly by
-  ``pgd.polish``. The paper approximates this block by successive convex approximation; the exact
-  solve is at least as good.
+  ``deadline.polish``. The paper approximates this block by successive convex approximation; the
+  exact solve is at least as good.
 
 With free bits the integer bits are then refined by exchange moves with exact re-solves
 (``allocation.refine``; not with subchannels, whose split stays whole).
@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sflam_jax.allocation.pgd import polish
+from sflam_jax.allocation.deadline import polish
 from sflam_jax.allocation.problem import (
     LN2,
     Allocation,

@@ -1,8 +1,9 @@
 """Projected-gradient allocator in JAX: jit-compiled, vmap-able, differentiable where smooth.
 
 The descent runs on the bandwidth split alone. For a split beta, the best deadline T and powers
-follow exactly (``polish``): each device transmits for all the time T leaves it, at the power
-that just moves its bits, and ``F(T, beta)`` is convex in T, so golden-section search finds T.
+follow exactly (``deadline.polish``): each device transmits for all the time T leaves it, at the
+power that just moves its bits, and ``F(T, beta)`` is convex in T, so golden-section search finds
+T.
 The remaining function ``F(beta) = min_T F(T, beta)`` is convex (a partial minimum of a jointly
 convex function, SPEC section 4) and its gradient follows from Danskin's theorem
 (``reduced_objective``). The simplex constraint is met by construction, ``beta = B softmax(theta)``
@@ -25,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sflam_jax.allocation.deadline import Split, polish
 from sflam_jax.allocation.problem import (
     Allocation,
-    Links,
     Problem,
     evaluate,
     feasible,
@@ -35,7 +36,6 @@ from sflam_jax.allocation.problem import (
     smallest_bits,
 )
 from sflam_jax.allocation.refine import RefineOptions, improve
-from sflam_jax.allocation.search import golden_section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,57 +59,6 @@ class PGDOptions:
     refine: RefineOptions = RefineOptions()
 
 
-class _Split:
-    """Closed forms for a fixed bandwidth split and bits (``[S]`` arrays)."""
-
-    def __init__(self, problem: Problem, bandwidth_hz, bits):
-        self.problem = problem
-        self.beta = bandwidth_hz
-        self.links = Links(problem, bits)
-        # Fixed for the split; computed once, outside the deadline search.
-        self.down_time = self.links.down_time(bandwidth_hz)
-
-    def uplink_time(self, deadline):
-        """Each device sends for all the time the deadline leaves it."""
-        return deadline - self.links.a - self.down_time
-
-    def fastest_deadline(self):
-        """T_min: the slowest device's finish at full power."""
-        return jnp.max(self.links.finish(self.beta, self.links.p_max))
-
-    def powers(self, deadline):
-        power = self.links.transmit_power(self.uplink_time(deadline), self.beta)
-        return jnp.minimum(power, self.links.p_max)
-
-    def objective(self, deadline):
-        uplink = self.links.transmit_energy(self.uplink_time(deadline), self.beta)
-        energy = jnp.sum(self.links.c + uplink)
-        pr = self.problem
-        return pr.w_t * deadline / pr.t_ref + pr.w_e * energy / pr.e_ref
-
-    def best_deadline(self, iters: int):
-        """Golden-section search of the convex ``F(T)`` on ``[T_min, F(T_min) T_ref / w_T]``."""
-        t_min = self.fastest_deadline()
-        t_hi = jnp.maximum(self.objective(t_min) * self.problem.t_ref / self.problem.w_t, t_min)
-
-        lo, hi = golden_section(self.objective, t_min, t_hi, iters)
-        # The optimum can sit exactly at T_min, which golden section never evaluates.
-        candidates = jnp.stack([t_min, lo, hi])
-        return candidates[jnp.argmin(jax.vmap(self.objective)(candidates))]
-
-
-def polish(problem: Problem, bandwidth_hz, bits, iters: int = 80) -> tuple[Allocation, jax.Array]:
-    """Exact best powers and deadline for a fixed bandwidth split and bits.
-
-    Returns ``(allocation, deadline_s)``: every device finishes at the deadline, the slowest one
-    possibly at full power.
-    """
-    split = _Split(problem, bandwidth_hz, bits)
-    deadline = split.best_deadline(iters)
-    allocation = Allocation(power_w=split.powers(deadline), bandwidth_hz=bandwidth_hz, bits=bits)
-    return allocation, deadline
-
-
 def reduced_objective(problem: Problem, bandwidth_hz, bits, iters: int = 40):
     """``F(beta) = min_T F(T, beta)``, convex in beta, with its gradient by Danskin's theorem.
 
@@ -117,8 +66,8 @@ def reduced_objective(problem: Problem, bandwidth_hz, bits, iters: int = 40):
     ``T_min(beta)`` when it sits there (there dF/dT != 0 and the bound moves with beta; elsewhere
     dF/dT = 0 and the extra term vanishes).
     """
-    deadline = _Split(problem, jax.lax.stop_gradient(bandwidth_hz), bits).best_deadline(iters)
-    split = _Split(problem, bandwidth_hz, bits)
+    deadline = Split(problem, jax.lax.stop_gradient(bandwidth_hz), bits).best_deadline(iters)
+    split = Split(problem, bandwidth_hz, bits)
     t_min = split.fastest_deadline()
     return split.objective(t_min + jax.lax.stop_gradient(deadline - t_min))
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sflam_jax import streams
 from sflam_jax.allocation import IN_GRAPH, cuts, joint
 from sflam_jax.allocation.pgd import PGDOptions
 from sflam_jax.allocation.problem import Weights, evaluate, make_problem
@@ -132,8 +133,6 @@ class RoundPlanner:
 
 # Solvers of the per-device cut problem (``allocation.cuts``) that run inside the jitted round.
 CUT_SOLVERS = ("esfl_exact", "esfl_ao", "joint")
-# The round key's stream of the devices' memory limits (separate from the channel draw).
-_MEMORY_STREAM = 0x3E3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +165,7 @@ class CutPlanner(RoundPlanner):
         s = steps.shape[0]
         low, high = self.memory_bytes
         memory = jax.random.uniform(
-            jax.random.fold_in(key, _MEMORY_STREAM), (s,), minval=low, maxval=high
+            streams.stream(key, streams.MEMORY), (s,), minval=low, maxval=high
         )
         return cuts.CutProblem(
             devices=draw_devices(key, s, self.params),

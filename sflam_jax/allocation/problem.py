@@ -75,6 +75,24 @@ class Weights:
         if not self.eps_q > 0:
             raise ValueError(f"allocation.eps_q={self.eps_q} must be > 0")
 
+    @classmethod
+    def from_config(cls, allocation, down_bits: int) -> Weights:
+        """The weights of a ``config.allocation`` block with the protocol's downlink bits.
+
+        Raises:
+          ValueError: a bad field, named in the message.
+        """
+        a = allocation
+        return cls(
+            w_t=float(a.w_t),
+            w_e=float(a.w_e),
+            bits_min=a.bits_min,
+            bits_max=a.bits_max,
+            eps_q=float(a.eps_q),
+            value_range=float(a.value_range),
+            down_bits=down_bits,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class BitsSpec:

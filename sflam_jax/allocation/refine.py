@@ -7,7 +7,7 @@ level at a time until the budget ``sum_k rho_k delta(b_k) <= eps_Q`` holds again
 per budget regained first, or the one regaining the most first) and "raise device i one level,
 then lower the others, the most gain per budget used first, while the budget holds".
 The moves are ranked by an estimate at the current bandwidth split (the exact best deadline and
-powers for that split, ``pgd.polish``, per single-device change, added up), the ``candidates``
+powers for that split, ``deadline.polish``, per single-device change, added up), the ``candidates``
 best (and the current bits) are re-solved exactly for power and bandwidth (the nested bisection
 of ``exact`` in float32, inside the graph), and the best is kept if it lowers the objective.
 Sweeps stop when no move helps. ``improve`` runs the moves from the solver's point and from the
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from sflam_jax import quant
 from sflam_jax.allocation import exact
+from sflam_jax.allocation.deadline import polish
 from sflam_jax.allocation.problem import Allocation, Problem, evaluate, smallest_bits
 
 
@@ -59,7 +60,6 @@ def refine(
 
     Returns ``(allocation, objective)``, the best point seen (``start`` if no move helps).
     """
-    from sflam_jax.allocation.pgd import polish  # pgd refines with this module
 
     wts = problem.weights
     s = problem.num_devices
