@@ -1,7 +1,7 @@
 """Allocation solvers side by side: solve time after compile and objective on the same instances.
 
     python scripts/bench_allocation.py [--sizes 10 100 1000 10000] [--batch 1024]
-        [--out docs/bench/allocation_cpu.json]
+        [--out results/bench/allocation_cpu.json]
 
 For each S: one random instance (default system constants, the default model's workload, fixed
 8 bits, w_T = 0.5), solved by ``pgd``, ``bcd``, ``exact`` (float64 nested bisection) and SciPy's
@@ -119,7 +119,7 @@ def main():
     parser.add_argument(
         "--slsqp-maxiter", type=int, default=300, help="SLSQP iteration cap (its time grows ~S^3)"
     )
-    parser.add_argument("--out", default="docs/bench/allocation_cpu.json")
+    parser.add_argument("--out", default="results/bench/allocation_cpu.json")
     args = parser.parse_args()
     rows = []
     for s in args.sizes:

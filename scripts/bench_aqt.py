@@ -1,6 +1,6 @@
 """Cost of AQT integer matmuls on this backend, side by side with float (ratios, same run).
 
-    python scripts/bench_aqt.py [--out docs/bench/aqt_cpu.json] [--steps 30]
+    python scripts/bench_aqt.py [--out results/bench/aqt_cpu.json] [--steps 30]
 
 Times one jitted SFLAM training step (client forward, 8-bit cut, server forward and backward, client
 backward) of the default model (the "mini" ViT on 28x28 inputs, batch 32) for several AQT
@@ -82,7 +82,7 @@ def bench_matmul(bits, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/bench/aqt_cpu.json")
+    parser.add_argument("--out", default="results/bench/aqt_cpu.json")
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     rows = []

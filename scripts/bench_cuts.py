@@ -1,6 +1,6 @@
 """Per-device cut solvers side by side: time and optimality gap against ESFL's exact optimum.
 
-    python scripts/bench_cuts.py [--sizes 10 100 1000] [--out docs/bench/cuts_cpu.json]
+    python scripts/bench_cuts.py [--sizes 10 100 1000] [--out results/bench/cuts_cpu.json]
         [--server-flops 1e14] [--memory-mib 64 1024]
 
 The default config's model (mini ViT on Fashion-MNIST's 28 px, batch 32) with every block boundary
@@ -60,7 +60,7 @@ def main():
     parser.add_argument(
         "--joint-max", type=int, default=100000, help="largest S the joint allocator runs at"
     )
-    parser.add_argument("--out", default="docs/bench/cuts_cpu.json")
+    parser.add_argument("--out", default="results/bench/cuts_cpu.json")
     args = parser.parse_args()
 
     config = base_config()

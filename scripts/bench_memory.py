@@ -1,6 +1,6 @@
 """Peak memory of one training round against the number of clients per round S.
 
-    python scripts/bench_memory.py [--out docs/bench/memory_cpu.json] [--sizes 16,256,1000,10000]
+    python scripts/bench_memory.py [--out results/bench/memory_cpu.json] [--sizes 16,256,1000,10000]
 
 The tiny config on the real Fashion-MNIST files with K = 10,000 clients (6 samples each, IID),
 batch 6, one local step per client. Each point runs in a fresh process (``--one``) and reports
@@ -78,7 +78,7 @@ def one(mode: str, clients_per_round: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "memory_cpu.json"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench", "memory_cpu.json"))
     parser.add_argument("--sizes", default="16,64,256,1000,10000")
     parser.add_argument("--max-unchunked", type=int, default=256)
     parser.add_argument("--one", nargs=2, metavar=("MODE", "S"), help=argparse.SUPPRESS)

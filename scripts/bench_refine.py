@@ -1,7 +1,7 @@
 """Integer bits of pgd and bcd against the integer optimum, with and without the refinement.
 
     python scripts/bench_refine.py [--exhaustive 3 4] [--local 8 16] [--instances 10]
-        [--out docs/bench/refine_cpu.json]
+        [--out results/bench/refine_cpu.json]
 
 Fresh random instances (default system constants and workload, random steps, Dirichlet(1) data
 weights, random w_T in [0.1, 0.9], a learning budget of about 7 bits on average). The reference is
@@ -70,7 +70,7 @@ def main():
     parser.add_argument("--exhaustive", type=int, nargs="*", default=[3, 4])
     parser.add_argument("--local", type=int, nargs="*", default=[8, 16])
     parser.add_argument("--instances", type=int, default=10)
-    parser.add_argument("--out", default="docs/bench/refine_cpu.json")
+    parser.add_argument("--out", default="results/bench/refine_cpu.json")
     args = parser.parse_args()
 
     rows = []

@@ -1,6 +1,6 @@
 """One SFL-V1 training round several ways, side by side, on any backend (ratios within one run).
 
-    python scripts/bench_round.py [--sizes 8,32,128,256,1024] [--out docs/bench/round_cpu.json]
+    python scripts/bench_round.py [--sizes 8,32,128,256,1024] [--out results/bench/round_cpu.json]
         [--engines jit_chunked,...] [--preset ti16 --patch-size 7] [--hetero]
 
 ``--hetero`` runs the workload users run instead: the default config's non-IID clients (a
@@ -8,7 +8,7 @@ Dirichlet(0.5) partition of K = 50 clients, or K = 1,024 when S > 50, sizes diff
 one local epoch, and reports useful client steps per second (``sum_k tau_k`` over round time) with
 the share of computed steps that were useful, for the jitted round under both schedules
 (``jit_chunked``: fixed chunks; ``jit_lanes``: the lanes schedule), the Python-driven steps and
-PyTorch; defaults ``--sizes 10,50 --out docs/bench/round_hetero_cpu.json``.
+PyTorch; defaults ``--sizes 10,50 --out results/bench/round_hetero_cpu.json``.
 
 Same ViT split (the default config's "mini" ViT, cut after the embedding, float matmuls), same
 Fashion-MNIST data (K = 1,024 IID clients of about 58 samples, batch 32, one epoch: 2 client steps
@@ -524,19 +524,19 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--preset", default=PRESET, help="models.vit preset (default: mini)")
     parser.add_argument("--patch-size", type=int, default=PATCH, help="0 = the preset's")
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "round_cpu.json"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "results", "bench", "round_cpu.json"))
     parser.add_argument("--hetero", action="store_true", help="non-IID clients of unequal size")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hetero:
         defaults = {"sizes": "8,32,128,256,1024", "engines": ",".join(ENGINES)}
-        defaults["out"] = os.path.join(ROOT, "docs", "bench", "round_cpu.json")
+        defaults["out"] = os.path.join(ROOT, "results", "bench", "round_cpu.json")
         if args.sizes == defaults["sizes"]:
             args.sizes = "10,50"
         if args.engines == defaults["engines"]:
             args.engines = ",".join(HETERO_ENGINES)
         if args.out == defaults["out"]:
-            args.out = os.path.join(ROOT, "docs", "bench", "round_hetero_cpu.json")
+            args.out = os.path.join(ROOT, "results", "bench", "round_hetero_cpu.json")
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.engine:
         run_engine(args.engine, sizes, args.rounds, args.max_unchunked)

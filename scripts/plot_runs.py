@@ -1,6 +1,6 @@
 """Accuracy against rounds and wall-clock time for one or more run directories.
 
-python scripts/plot_runs.py runs/default:8-bit runs/b32:32-bit --out docs/curve.png
+python scripts/plot_runs.py runs/default:8-bit runs/b32:32-bit --out results/curve.png
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """The paper's figure set: trains every protocol and sweeps the system model, then writes a PNG and
 a CSV per figure and a results.md that embeds them.
 
-    python scripts/reproduce_paper.py                      # --scale cpu into docs/results/
+    python scripts/reproduce_paper.py                      # --scale cpu into results/paper/
     python scripts/reproduce_paper.py --scale paper --out runs/paper   # ViT-B/32, CIFAR-10
 
 Training runs go to OUT/runs/<name> and resume like any run (re-running the script skips finished
@@ -118,7 +118,7 @@ def system_series(base, xs, set_x, draws, key_latency="round_latency_s"):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "results", "paper"))
     parser.add_argument("--rounds", type=int, default=0, help="0: 30 (cpu) or 100 (paper)")
     parser.add_argument("--draws", type=int, default=64, help="channel draws per system point")
     parser.add_argument(

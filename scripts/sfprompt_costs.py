@@ -1,7 +1,7 @@
 """SFPrompt's device compute and traffic against federated full fine-tuning, from the cost model
 alone (no weights, no data): XLA's cost analysis of each piece of the U-shaped ViT.
 
-    python scripts/sfprompt_costs.py [--out docs/results/sfprompt_ratios.json]
+    python scripts/sfprompt_costs.py [--out results/paper/sfprompt_ratios.json]
 
 For ViT-B/16 and ViT-L/16 at 224 px (10 classes) and one client of ``--samples`` samples: the
 device FLOPs of an SFPrompt round (EL2N scoring, local-loss phase, the device's part of the split
@@ -74,7 +74,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=500, help="samples of the client")
     parser.add_argument(
-        "--out", default=os.path.join(ROOT, "docs", "results", "sfprompt_ratios.json")
+        "--out", default=os.path.join(ROOT, "results", "paper", "sfprompt_ratios.json")
     )
     args = parser.parse_args()
     rows = []

@@ -1,7 +1,7 @@
 """Device and server segment costs of a config's model at every cut layer, from XLA's analyses.
 
     python scripts/split_costs.py --config configs/fmnist_dinov2_s14.py \
-        [--out docs/bench/split_costs_dinov2_s14.json]
+        [--out results/bench/split_costs_dinov2_s14.json]
 
 For each cut ``l`` in ``[0, depth]`` (the device holds the embedding and blocks ``[0, l)``):
 forward FLOPs per sample of both segments (XLA's cost analysis of the float segments, as the
