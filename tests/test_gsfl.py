@@ -10,7 +10,16 @@ import numpy as np
 import optax
 import pytest
 from conftest import final_state, read_metrics
-from test_sflam import LR, MOMENTUM, B, E, _fedavg, _oracle_client, _setup
+from oracles import (
+    LR,
+    MOMENTUM,
+    B,
+    E,
+    assert_close_through_rounding,
+    fedavg,
+    oracle_client,
+    setup,
+)
 
 from sflam_jax import train
 from sflam_jax.algorithms import gsfl
@@ -41,7 +50,7 @@ def _oracle_gsfl(model, state, images, labels, parts, key, per_round, groups, bi
         mom_s = jax.tree.map(jnp.zeros_like, ps)
         for i in group:
             k = int(clients[i])
-            pc, ps, mom_s, total = _oracle_client(
+            pc, ps, mom_s, total = oracle_client(
                 model,
                 pc,
                 ps,
@@ -60,8 +69,8 @@ def _oracle_gsfl(model, state, images, labels, parts, key, per_round, groups, bi
         weights.append(sum(len(parts[int(clients[i])]) for i in group))
     return (
         clients,
-        _fedavg(weights, [f[0] for f in finals]),
-        _fedavg(weights, [f[1] for f in finals]),
+        fedavg(weights, [f[0] for f in finals]),
+        fedavg(weights, [f[1] for f in finals]),
         loss / (E * sum(weights)),
     )
 
@@ -92,7 +101,7 @@ def test_round_matches_python_loop_over_groups(groups, grouping, chunk, bits):
     """Uneven groups (5 clients in 2 or 3 groups), groups vmapped in chunks with a padding group,
     quantized and float cuts: the jitted round equals the loop."""
     quantized = min(bits) < 32
-    model, state, data, images, labels, parts = _setup(SIZES_Q if quantized else SIZES, 1)
+    model, state, data, images, labels, parts = setup(SIZES_Q if quantized else SIZES, 1)
     key = jax.random.key(5)
     engine = _engine(model, 5, groups, grouping, chunk, down_bits=8)
     new, metrics = jax.jit(engine.round)(state, data, key, jnp.asarray(bits, jnp.float32))
@@ -112,10 +121,17 @@ def test_round_matches_python_loop_over_groups(groups, grouping, chunk, bits):
     )
     np.testing.assert_array_equal(metrics["clients"], clients)
     # A group chains up to 3 clients (about 20 momentum steps, 8-bit gradients down): float32
-    # rounding adds up to about 2e-5 on a few of the client segment's values.
-    chex.assert_trees_all_close(new.params_c, ref_c, atol=5e-5)
-    chex.assert_trees_all_close(new.params_s, ref_s, atol=5e-5)
-    np.testing.assert_allclose(metrics["train_loss"], ref_loss, rtol=1e-5)
+    # rounding adds up to about 2e-5 on a few of the client segment's values, and may flip a
+    # stochastic rounding decision (oracles.assert_close_through_rounding).
+    floated, float_metrics = jax.jit(_engine(model, 5, groups, grouping, chunk).round)(
+        state, data, key, 32
+    )
+    assert_close_through_rounding(
+        (new.params_c, new.params_s, metrics["train_loss"]),
+        (ref_c, ref_s, ref_loss),
+        (floated.params_c, floated.params_s, float_metrics["train_loss"]),
+        atol=5e-5,
+    )
     assert int(metrics["useful_client_steps"]) == tau.sum()
     assert int(metrics["computed_client_steps"]) >= tau.sum()
 
@@ -190,7 +206,7 @@ def test_balanced_grouping_is_near_the_best_split(seed):
     assert best <= lpt + 1e-9 <= (4 / 3 - 1 / (3 * m)) * best + 1e-5
 
 
-def _costs_setup(s=6):
+def _costssetup(s=6):
     params = SystemParams()
     devices = draw_devices(jax.random.key(3), s, params)
     workload = Workload(2e6, 6e7, 4 * 64, 12_000, 32, 400_000)
@@ -201,7 +217,7 @@ def _costs_setup(s=6):
 
 
 def test_costs_limits_are_sl_and_sflam():
-    devices, steps, power, bits, workload, params = _costs_setup()
+    devices, steps, power, bits, workload, params = _costssetup()
     s = steps.shape[0]
     equal = jnp.full((s,), params.bandwidth_hz / s)
     one = gsfl.round_costs(devices, steps, power, equal, bits, workload, params, groups=1)
@@ -220,7 +236,7 @@ def test_costs_limits_are_sl_and_sflam():
 def test_costs_are_the_slowest_groups_sum(grouping):
     """A plain-Python recomputation: each client's T_k at B/M and M server copies, a group's
     time their sum, the round the slowest group's; energy the sum over clients."""
-    devices, steps, power, bits, workload, params = _costs_setup()
+    devices, steps, power, bits, workload, params = _costssetup()
     m = 2
     band = jnp.full((6,), params.bandwidth_hz / m)
     per = sflam_round_costs(devices, steps, power, band, bits, workload, params, server_copies=m)

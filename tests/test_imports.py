@@ -74,10 +74,10 @@ def _layer(module: str) -> int:
     best = None
     for i, layer in enumerate(LAYERS):
         for name in layer:
-            if module == name or module.startswith(name + "."):
-                # The longest matching name decides (algorithms.base before algorithms).
-                if best is None or len(name) > best[1]:
-                    best = (i, len(name))
+            # The longest matching name decides (algorithms.base before algorithms).
+            inside = module == name or module.startswith(name + ".")
+            if inside and (best is None or len(name) > best[1]):
+                best = (i, len(name))
     if best is None:
         pytest.fail(f"{module} is in no layer of tests/test_imports.py (add it)")
     return best[0]

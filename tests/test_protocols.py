@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_sflam import LR, MOMENTUM, B, E, _oracle_round, _setup, engine_of
+from oracles import LR, MOMENTUM, B, E, engine_of, oracle_round, setup
 
 from sflam_jax.algorithms.base import Preprocess, sample_clients
 from sflam_jax.algorithms.sfl_v2 import SharedServer
@@ -25,9 +25,9 @@ def _algorithm(cls, model, per_round=3, **kw):
 
 @pytest.mark.parametrize(("relay", "cut"), [(False, 1), (True, 0)], ids=["sfl_v2", "sl"])
 def test_sequential_protocols_match_python_loop(relay, cut):
-    model, state, data, images, labels, parts = _setup(SIZES, cut)
+    model, state, data, images, labels, parts = setup(SIZES, cut)
     key = jax.random.key(7)
-    clients, ref_c, ref_s, ref_loss = _oracle_round(
+    clients, ref_c, ref_s, ref_loss = oracle_round(
         model, state, images, labels, parts, key, 3, [32] * 3, 32, PRE, True, relay
     )
     alg = _algorithm(SharedServer, model, relay_client=relay)
@@ -43,7 +43,7 @@ def test_sequential_protocols_match_python_loop(relay, cut):
 
 
 def test_one_client_per_round_makes_the_protocols_coincide():
-    model, state, data, *_ = _setup(SIZES, 1)
+    model, state, data, *_ = setup(SIZES, 1)
     key = jax.random.key(3)
     results = [
         jax.jit(_algorithm(cls, model, per_round=1, **kw).round)(state, data, key)[0]
@@ -62,7 +62,7 @@ def test_fl_round_is_fedavg_of_the_whole_model():
     """``fl`` runs the float SFL-V1 round; a FedAvg loop over the unsplit ViT (one optimizer on
     the whole model, no cut at all) gives the same global model."""
     cut = 1
-    model, state, data, images, labels, parts = _setup(SIZES, cut)
+    model, state, data, images, labels, parts = setup(SIZES, cut)
     cfg = vit.vit_config("tiny", image_size=14, channels=1, num_classes=3, patch_size=7)
     full = vit.ViT(cfg)
     key = jax.random.key(11)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_sflam import LR, MOMENTUM, B, E, _fedavg, _sgd_momentum
+from oracles import LR, MOMENTUM, B, E, fedavg, sgd_momentum
 
 from sflam_jax import experiment, quant, train
 from sflam_jax.algorithms import sfprompt
@@ -39,7 +39,7 @@ CFG = vit.ViTConfig(
 )
 
 
-def _setup(sizes, head_blocks=1, tail_blocks=0, seed=0):
+def setup(sizes, head_blocks=1, tail_blocks=0, seed=0):
     model = UShape(CFG, prompt_len=2, head_blocks=head_blocks, tail_blocks=tail_blocks)
     params_c, params_s = model.segments(
         vit.init_params(CFG, jax.random.key(seed)), jax.random.key(9)
@@ -88,7 +88,7 @@ def _oracle_step(model, trainable, frozen, body, x, y):
     return loss, grads
 
 
-def _oracle_round(model, state, images, labels, parts, key, per_round):
+def oracle_round(model, state, images, labels, parts, key, per_round):
     """One round with keep = 1, no local-loss phase, float traffic: each client from the global
     prompts and tail, its samples in the order EL2N ranks them then shuffled per epoch as the
     engine does, hand-written momentum SGD, FedAvg by samples."""
@@ -115,11 +115,11 @@ def _oracle_round(model, state, images, labels, parts, key, per_round):
                 rows = part[perm[t * B : (t + 1) * B]]
                 x, y = PRE(jnp.asarray(images[rows])), jnp.asarray(labels[rows])
                 loss, grads = _oracle_step(model, tr, frozen, state.params_s, x, y)
-                tr, mom = _sgd_momentum(tr, mom, grads)
+                tr, mom = sgd_momentum(tr, mom, grads)
                 loss_sum += float(loss) * len(rows)
         finals.append(tr)
         sizes.append(n)
-    return clients, _fedavg(sizes, finals), loss_sum / (E * sum(sizes))
+    return clients, fedavg(sizes, finals), loss_sum / (E * sum(sizes))
 
 
 @pytest.mark.parametrize(("tail_blocks", "per_round"), [(0, 1), (1, 3)])
@@ -128,10 +128,10 @@ def test_round_matches_explicit_vjp_reference(tail_blocks, per_round):
     jitted round equals the reference; the body, the embedding and the front blocks come back
     bit-identical."""
     sizes = [7, 13, 3, 10, 5]
-    model, state, data, images, labels, parts = _setup(sizes, tail_blocks=tail_blocks)
+    model, state, data, images, labels, parts = setup(sizes, tail_blocks=tail_blocks)
     key = jax.random.key(4 + per_round)
     new, metrics = jax.jit(_engine(model, per_round).round)(state, data, key, 32)
-    clients, ref, ref_loss = _oracle_round(model, state, images, labels, parts, key, per_round)
+    clients, ref, ref_loss = oracle_round(model, state, images, labels, parts, key, per_round)
     np.testing.assert_array_equal(metrics["clients"], clients)
     chex.assert_trees_all_close(model.pick(new.params_c, model.trainable_keys), ref, atol=1e-5)
     np.testing.assert_allclose(metrics["train_loss"], ref_loss, rtol=1e-5)
@@ -145,7 +145,7 @@ def test_round_matches_explicit_vjp_reference(tail_blocks, per_round):
 def test_vmapped_round_equals_a_loop_over_clients():
     """Pruning, the local-loss phase and an 8-bit cut on: clients in chunks of two (vmapped, a
     padding slot) and one at a time give the same round."""
-    model, state, data, *_ = _setup([8, 16, 4, 12, 8])
+    model, state, data, *_ = setup([8, 16, 4, 12, 8])
     key = jax.random.key(2)
     state = state.replace(round=jnp.int32(1))  # a pruned round
     results = [
@@ -170,7 +170,7 @@ def test_el2n_keeps_exactly_the_hardest():
     np.testing.assert_allclose(sfprompt.el2n(logits, labels), want, rtol=1e-5)
     scores = jnp.asarray([0.3, 0.9, 0.1, 0.9, 0.5, 7.0])  # the last row is padding
     np.testing.assert_array_equal(sfprompt.hardest_first(scores, 5), [1, 3, 4, 0, 2, 5])
-    alg = _engine(_setup([4])[0], 1, keep=0.5).algorithm
+    alg = _engine(setup([4])[0], 1, keep=0.5).algorithm
     np.testing.assert_array_equal(alg.kept(jnp.asarray([5, 4, 1, 0]), False), [2, 2, 0, 0])
     np.testing.assert_array_equal(alg.kept(jnp.asarray([5, 4]), True), [5, 4])
 
@@ -180,7 +180,7 @@ def test_local_loss_phase_reaches_the_prompts_through_the_head(head_blocks, move
     """With a head block the class token attends to the prompts, so the local loss (body skipped)
     has a prompt gradient; with none (and no tail blocks) the classifier sees only the class
     token and the prompts get none."""
-    model, state, data, images, labels, _ = _setup([8], head_blocks=head_blocks)
+    model, state, data, images, labels, _ = setup([8], head_blocks=head_blocks)
     alg = _engine(model, 1).algorithm
     trainable = model.pick(state.params_c, model.trainable_keys)
     frozen = model.pick(state.params_c, model.frozen_keys)
@@ -194,7 +194,7 @@ def test_local_loss_phase_reaches_the_prompts_through_the_head(head_blocks, move
 def test_server_forms_no_weight_gradient():
     """The compiled split step costs the body's forward less than the same step that also
     differentiates the body's weights (what a weight gradient would add)."""
-    model, state, data, images, labels, _ = _setup([8])
+    model, state, data, images, labels, _ = setup([8])
     alg = _engine(model, 1).algorithm
     trainable = model.pick(state.params_c, model.trainable_keys)
     frozen = model.pick(state.params_c, model.frozen_keys)
