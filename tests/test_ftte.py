@@ -54,7 +54,9 @@ def _whole(state):
 
 class _Reference:
     """Whole-model local training in plain Python: the unsplit Flax ViT, one optax SGD step per
-    batch of the client's epoch orders (no masks, no vmap, no subset)."""
+    batch of the client's epoch orders (no masks, no vmap). With a subset, the gradient of every
+    other parameter is zeroed before the optimizer (so they never move), and the step gradients
+    of the subset are kept for the variance weight."""
 
     def __init__(self, cfg, exp):
         self.cfg, self.exp = cfg, exp
@@ -65,31 +67,48 @@ class _Reference:
         self.width = width
 
         @jax.jit
-        def sgd_step(params, opt, x, y):
+        def sgd_step(params, opt, x, y, keep):
             def loss_fn(p):
                 logits = self.vit.apply({"params": p}, exp.preprocess(x))
                 return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-            updates, opt = self.tx.update(jax.grad(loss_fn)(params), opt, params)
-            return optax.apply_updates(params, updates), opt
+            grads = jax.tree.map(jnp.multiply, jax.grad(loss_fn)(params), keep)
+            updates, opt = self.tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), opt, grads
 
         self.sgd_step = sgd_step
 
-    def train(self, params, client: int, key):
-        """The client's trained whole model from ``params`` with its training key."""
+    def train(self, params, client: int, key, subset=None):
+        """The client's trained whole model from ``params`` with its training key; with
+        ``subset`` (leaf paths) also the mean squared deviation of its subset's step gradients
+        (float64; 0 with fewer than two steps)."""
         part = self.exp.parts[client]
         n, b = len(part), self.cfg.train.batch_size
         order_key, _ = jax.random.split(key)
         orders = np.asarray(
             epoch_orders(order_key, jnp.int32(n), self.width, self.cfg.train.local_epochs)
         )
+        paths = sparse.leaf_paths(params)
+        chosen = set(paths) if subset is None else subset
+        keep = jax.tree.unflatten(
+            jax.tree.structure(params), [float(path in chosen) for path in paths]
+        )
         p, opt = params, self.tx.init(params)
         images, labels = self.exp.dataset.train_images, self.exp.dataset.train_labels
+        steps = []
         for e in range(self.cfg.train.local_epochs):
             for t in range(-(-n // b)):
                 rows = part[orders[e][:n][t * b : (t + 1) * b]]
-                p, opt = self.sgd_step(p, opt, jnp.asarray(images[rows]), jnp.asarray(labels[rows]))
-        return p
+                x, y = jnp.asarray(images[rows]), jnp.asarray(labels[rows])
+                p, opt, grads = self.sgd_step(p, opt, x, y, keep)
+                steps.append(np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]))
+        if subset is None:
+            return p
+        g = np.asarray(steps, np.float64)
+        sigma2 = 0.0
+        if len(g) > 1:
+            sigma2 = np.mean(np.sum(g**2, axis=1)) - np.sum(g.mean(axis=0) ** 2)
+        return p, sigma2
 
 
 def test_buffer_equal_to_concurrency_is_fedavg(tiny_config):
@@ -130,12 +149,21 @@ class _TiedTrips(events.EventEngine):
         return {**costs, "time_s": jnp.ceil(costs["time_s"] / 0.002) * 0.002}
 
 
-def test_fedbuff_matches_a_python_heap_event_loop(tiny_config):
-    """FedBuff (C = 4, K = 2, s = (1 + tau)^-1/2, half the devices 3x slower) against an event
-    loop written with ``heapq``: the same arrivals in the same order (ties by dispatch number),
-    the same staleness, weights and global model."""
+@pytest.mark.parametrize("algorithm", ["fedbuff", "ftte"])
+def test_matches_a_python_heap_event_loop(tiny_config, algorithm):
+    """FedBuff (every parameter, ``s = (1 + tau)^-1/2``) and FTTE proper (a sparse subset that
+    fits the budget, the same staleness weight and the variance weight ``1 / (1 + sigma_i^2 /
+    buffer mean)``), C = 4, K = 2, half the devices 3x slower, against an event loop written
+    with ``heapq`` and plain training: the same arrivals in the same order (ties by dispatch
+    number), the same staleness, weights and global model."""
     cfg = _config(
-        tiny_config, concurrency=4, buffer_size=2, straggler_fraction=0.5, straggler_slowdown=3.0
+        tiny_config,
+        algorithm,
+        concurrency=4,
+        buffer_size=2,
+        straggler_fraction=0.5,
+        straggler_slowdown=3.0,
+        memory_budget_bytes=3e5,
     )
     exp, data, run_key = _build(cfg)
     engine = _TiedTrips(
@@ -145,9 +173,15 @@ def test_fedbuff_matches_a_python_heap_event_loop(tiny_config):
     state, records = _run(engine, exp.initial, data, run_key, versions)
 
     ref = _Reference(cfg, exp)
+    w = _whole(exp.initial)
+    everything = frozenset(sparse.leaf_paths(w))
+    subset = engine.clients.subset
+    if algorithm == "ftte":
+        assert subset != everything  # the budget leaves part of the model frozen
+    else:
+        assert subset == everything
     counts = np.asarray(data.counts)
     draw = jax.jit(engine.draw_dispatch)
-    w = _whole(exp.initial)
     heap, clock, dispatched = [], np.float32(0), 0
     in_flight, seen = np.zeros(len(counts), bool), np.zeros(len(counts), bool)
     free = cfg.ftte.concurrency
@@ -157,16 +191,19 @@ def test_fedbuff_matches_a_python_heap_event_loop(tiny_config):
             d = jax.device_get(draw(run_key, dispatched, in_flight, seen, counts))
             for j in range(min(free, cfg.ftte.buffer_size)):
                 c, seq = int(d["clients"][j]), int(d["seq"][j])
-                trained = ref.train(w, c, events.training_key(run_key, seq))
+                trained, sigma2 = ref.train(w, c, events.training_key(run_key, seq), subset)
                 delta = jax.tree.map(np.subtract, trained, w)
                 arrival = np.float32(clock + np.float32(d["time_s"][j]))
-                heapq.heappush(heap, (arrival, seq, c, version, counts[c], delta))
+                heapq.heappush(heap, (arrival, seq, c, version, counts[c], sigma2, delta))
                 in_flight[c] = seen[c] = True
                 dispatched += 1
                 free -= 1
         buffer = [heapq.heappop(heap) for _ in range(cfg.ftte.buffer_size)]
         clock = buffer[-1][0]
-        a = np.asarray([n * (1.0 + version - v) ** -0.5 for _, _, _, v, n, _ in buffer])
+        a = np.asarray([n * (1.0 + version - v) ** -0.5 for _, _, _, v, n, _, _ in buffer])
+        if algorithm == "ftte":
+            sigma2 = np.asarray([entry[5] for entry in buffer])
+            a = a / (1.0 + sigma2 / sigma2.mean())
         mean = jax.tree.map(
             lambda *ds: sum(ai * x for ai, x in zip(a, ds, strict=True)) / a.sum(),
             *[entry[-1] for entry in buffer],
@@ -175,7 +212,7 @@ def test_fedbuff_matches_a_python_heap_event_loop(tiny_config):
         popped.append(
             [
                 (t, seq, c, version - v, ai / a.sum())
-                for (t, seq, c, v, _, _), ai in zip(buffer, a, strict=True)
+                for (t, seq, c, v, *_), ai in zip(buffer, a, strict=True)
             ]
         )
         for entry in buffer:
@@ -189,12 +226,25 @@ def test_fedbuff_matches_a_python_heap_event_loop(tiny_config):
         np.testing.assert_array_equal(rec["arrival_seq"], seqs)
         np.testing.assert_array_equal(rec["clients"], clients)
         np.testing.assert_array_equal(rec["staleness"], stale)
-        np.testing.assert_allclose(rec["buffer_weights"], weights, rtol=1e-6)
+        # The variance weight's sigma^2 is a difference of float32 sums in the engine.
+        np.testing.assert_allclose(rec["buffer_weights"], weights, rtol=1e-4)
         order += list(zip(rec["arrival_s"], rec["arrival_seq"], strict=True))
     assert order == sorted(order), "arrivals were not processed in (time, dispatch) order"
     times = [t for t, _ in order]
     assert len(set(times)) < len(times), "no tied arrivals: the tie-break went untested"
     assert max(max(r["staleness"]) for r in records) > 0
+    if algorithm == "ftte":
+        # The variance weight mattered: the weights are not the samples-and-staleness ones.
+        plain = [
+            np.asarray([n * (1.0 + s) ** -0.5 for n, s in zip(*x, strict=True)])
+            for x in (
+                (counts[np.asarray(r["clients"])], np.asarray(r["staleness"])) for r in records
+            )
+        ]
+        assert any(
+            not np.allclose(r["buffer_weights"], p / p.sum(), rtol=1e-3)
+            for r, p in zip(records, plain, strict=True)
+        )
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), _whole(state), w)
 
 
