@@ -101,17 +101,27 @@ def test_protocol_rules_come_from_the_registry(fields, message):
         validation.validate(cfg)
 
 
-def test_defaults_are_written_once():
-    """The wireless and allocation blocks are the library's own defaults, not copies."""
-    import dataclasses
-
-    from sflam_jax.allocation.problem import Weights
-    from sflam_jax.wireless.channel import SystemParams
-
+def test_system_defaults_are_the_spec_constants():
+    """The wireless and allocation defaults are SPEC's constants (sections 3 and 4), typed here
+    from the spec, not read from the library."""
     cfg = config_lib.base_config()
-    assert dict(cfg.wireless) == dataclasses.asdict(SystemParams())
-    for field in ("w_t", "w_e", "bits_min", "bits_max", "eps_q", "value_range"):
-        assert cfg.allocation[field] == getattr(Weights(), field)
+    spec = {
+        "radius_m": 250.0,
+        "min_distance_m": 10.0,
+        "shadowing_std_db": 8.0,
+        "noise_dbm_per_hz": -174.0,
+        "bandwidth_hz": 20e6,
+        "p_max_w": 0.2,
+        "server_power_w": 1.0,
+        "cpu_min_hz": 0.5e9,
+        "cpu_max_hz": 2.0e9,
+        "flops_per_cycle": 16.0,
+        "kappa": 1e-28,
+        "server_flops": 100e12,
+    }
+    assert dict(cfg.wireless) == spec
+    assert (cfg.allocation.bits_min, cfg.allocation.bits_max) == (2, 16)
+    assert cfg.allocation.w_t > 0 and cfg.allocation.w_t + cfg.allocation.w_e == 1.0
 
 
 @pytest.mark.parametrize(

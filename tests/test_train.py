@@ -133,8 +133,6 @@ def test_allocation_in_the_round(reference_run, tmp_path):
         assert p["quant_error"] <= cfg.allocation.eps_q * (1 + 1e-6)
         assert p["bits_min"] == int(p["bits_min"]) and p["bits_max"] <= cfg.allocation.bits_max
         assert p["objective"] <= e["objective"] * (1 + 1e-6)
-        for key in ("round_latency_s", "fl_round_latency_s", "sl_round_energy_j"):
-            assert p[key] > 0
     np.testing.assert_allclose(
         pgd_records[1]["sim_time_s"],
         pgd_records[0]["round_latency_s"] + pgd_records[1]["round_latency_s"],

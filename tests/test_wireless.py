@@ -75,10 +75,34 @@ def test_round_costs_by_hand():
     energy = 5 * (1e-28 * 1e18 * 3 * 4 * 2e6 / 16 + 0.1 * t_up) + 0.1 * agg / r_up
     np.testing.assert_allclose(out["latency_s"], [latency], rtol=1e-5)
     np.testing.assert_allclose(out["energy_j"], [energy], rtol=1e-5)
-    np.testing.assert_allclose(out["compute_s"] + out["comm_s"], out["latency_s"], rtol=1e-6)
+    # The split: compute is the device's and the server's work, communication the links'.
+    np.testing.assert_allclose(out["compute_s"], [5 * (3 * t_cf + t_srv)], rtol=1e-5)
     np.testing.assert_allclose(
-        out["compute_energy_j"] + out["comm_energy_j"], out["energy_j"], rtol=1e-6
+        out["comm_s"], [5 * (t_up + t_dn) + agg / r_up + agg / r_dn], rtol=1e-5
     )
+    np.testing.assert_allclose(out["compute_energy_j"], [5 * 1e-28 * 1e18 * 3 * 4 * 2e6 / 16])
+    np.testing.assert_allclose(out["comm_energy_j"], [0.1 * (5 * t_up + agg / r_up)], rtol=1e-5)
+
+
+def test_fl_client_trip_by_hand():
+    """An asynchronous protocol's trip (FTTE, FedBuff): the download, the subset's training, the
+    upload of its delta, SPEC section 3 by hand."""
+    dev = _one_device(gain=2e-10, cpu=1.5e9)
+    out = costs.client_trip_costs(
+        dev, jnp.array([6]), 2e6, 0.05, 3e6, 4, jnp.array([5000]), 1200, P
+    )
+    n0 = P.noise_w_per_hz
+    r_up = 2e6 * np.log2(1 + 0.05 * 2e-10 / (2e6 * n0))
+    r_dn = 2e6 * np.log2(1 + 1.0 * 2e-10 / (2e6 * n0))
+    cycles = 6 * 4 * 3e6 / 16
+    t_up = 32 * 1200 / r_up
+    np.testing.assert_allclose(out["compute_s"], [cycles / 1.5e9], rtol=1e-5)
+    np.testing.assert_allclose(out["comm_s"], [32 * 5000 / r_dn + t_up], rtol=1e-5)
+    np.testing.assert_allclose(out["time_s"], [cycles / 1.5e9 + 32 * 5000 / r_dn + t_up], rtol=1e-5)
+    np.testing.assert_allclose(
+        out["energy_j"], [1e-28 * 1.5e9**2 * cycles + 0.05 * t_up], rtol=1e-5
+    )
+    np.testing.assert_allclose(out["bytes"], [4 * (5000 + 1200)], rtol=1e-6)
 
 
 def test_round_totals_and_monotone_limits():
