@@ -120,7 +120,7 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
     latency and energy, and every baseline protocol's costs are reported next to them.
     """
     protocol = registry.get(config.algorithm)
-    if protocol.cost_model is None:
+    if protocol.engine is not None:
         raise ConfigError(
             f"algorithm={config.algorithm!r} has no round planner: its own engine costs its "
             "clients (Protocol.engine)"
@@ -138,12 +138,12 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         batch_size=config.train.batch_size,
         server_params=split_lib.num_params(params_s),
     )
-    if protocol.workload is not None:
+    if protocol.costs.workload is not None:
         # The protocol's own workload on its own segments; it carries the cut's for the
         # comparison protocols.
         model = protocol.build(config, model_cfg)
         own_c, own_s = model.segments(split_lib.merge_params(params_c, params_s), jax.random.key(0))
-        workload = protocol.workload(model, own_c, own_s, workload, config)
+        workload = protocol.costs.workload(model, own_c, own_s, workload, config)
     free_bits = protocol.optimizes_bits and config.allocation.optimize_bits
     planner = protocol.bind(protocol.planner or RoundPlanner, config)
     return planner(
@@ -151,12 +151,14 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         workload=workload,
         params=SystemParams.from_config(config.wireless),
         weights=Weights.from_config(config.allocation, protocol.cut_bits(config.quant)[1]),
-        cost_model=protocol.bind(protocol.cost_model, config),
-        cost_split=protocol.cost_split,
-        comparisons=tuple((p.name, p.cost_model) for p in registry.baselines()),
+        cost_model=(
+            None if protocol.costs.model is None else protocol.bind(protocol.costs.model, config)
+        ),
+        cost_split=protocol.costs.split,
+        comparisons=tuple((p.name, p.costs.model) for p in registry.baselines()),
         fixed_bits=None if free_bits else protocol.cut_bits(config.quant)[0],
         pgd=PGDOptions(steps=config.allocation.pgd_steps),
-        loads=None if protocol.loads is None else protocol.bind(protocol.loads, config),
+        loads=None if protocol.costs.loads is None else protocol.bind(protocol.costs.loads, config),
     )
 
 

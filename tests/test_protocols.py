@@ -122,7 +122,7 @@ def test_every_protocol_trains_through_the_trainer(name, tiny_config, tmp_path):
     assert record["round_latency_s"] == record[f"{name}_round_latency_s"]
     assert record["round_energy_j"] == record[f"{name}_round_energy_j"]
     # The split into compute and communication is reported where the round is one device's.
-    assert ("round_compute_s" in record) == registry.get(name).cost_split
+    assert ("round_compute_s" in record) == registry.get(name).costs.split
     # AQT off for the baselines: the model built with aqt enabled is the float one.
     from sflam_jax import experiment
     from sflam_jax.data.datasets import load_dataset
@@ -150,3 +150,43 @@ def test_protocols_costs_differ(tiny_config, tmp_path):
     names = ("sfl", "sfl_v2", "sl", "fl")
     assert len({record[f"{n}_round_latency_s"] for n in names}) == 4
     assert record["round_latency_s"] < record["sfl_round_latency_s"]
+
+
+def test_a_protocol_declaration_checks_its_hooks():
+    """A protocol's hooks are checked when it is declared: an option no hook takes (a misspelt
+    field), a workload without the model it reads, an engine beside a cost model, free bits
+    without a quantized cut; each is a ``ValueError`` naming the protocol and what is wrong."""
+    import dataclasses
+
+    from sflam_jax.algorithms.base import Costs, Options, Protocol
+    from sflam_jax.algorithms.gsfl import GroupOptions
+    from sflam_jax.wireless.costs import sflam_round_costs
+
+    @dataclasses.dataclass(frozen=True)
+    class Misspelt(Options):
+        chunk_sise: int = 0
+
+    def declare(**fields):
+        base = dict(
+            name="x",
+            make=SFLV1,
+            costs=Costs(model=sflam_round_costs),
+            quantized_cut=True,
+            aqt=False,
+            allocators=("equal",),
+        )
+        return Protocol(**{**base, **fields})
+
+    declare()  # the base declaration is valid
+    with pytest.raises(ValueError, match="protocol 'x': option 'chunk_sise' of Misspelt"):
+        declare(options=Misspelt)
+    with pytest.raises(ValueError, match="option 'groups'"):
+        declare(options=GroupOptions)  # SFLV1 and the SFL-V1 costs take no groups
+    with pytest.raises(ValueError, match="costs.workload .* set build"):
+        declare(costs=Costs(model=sflam_round_costs, workload=lambda *a: None))
+    with pytest.raises(ValueError, match="an engine of its own"):
+        declare(engine=lambda config, inputs: None)
+    with pytest.raises(ValueError, match="needs costs.model or a planner"):
+        declare(costs=Costs())
+    with pytest.raises(ValueError, match="optimizes_bits needs quantized_cut"):
+        declare(quantized_cut=False, optimizes_bits=True)

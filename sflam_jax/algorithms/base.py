@@ -48,80 +48,137 @@ class RoundState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Protocol:
-    """Everything that defines a training protocol, declared once in its own module and registered
-    in ``algorithms.registry`` under ``name`` (the value of ``config.algorithm``).
+class Costs:
+    """How a protocol's rounds are costed (SPEC section 3).
 
     Attributes:
-      name: the ``config.algorithm`` value.
-      title: one line for tables and progress bars.
-      make: ``(**SplitTraining fields) -> algorithm``, the protocol's round. An algorithm with
-        ``parallel = True`` trains the clients of a chunk side by side (``train_chunk``) and is
-        aggregated by the engine's FedAvg; otherwise it trains the round's clients in sequence and
-        aggregates them itself (``train_sequence``).
-      cost_model: latency and device energy of one round (``wireless.costs``, common signature
-        ``(devices, steps, power_w, bandwidth_hz, up_bits, workload, params, down_bits)``); None
-        for an event-driven protocol (its engine costs each client's trip).
-      cost_split: whether the round's compute/communication split is reported (the slowest
-        device's, meaningful when the round time is one device's finish time).
-      quantized_cut: ``quant.up_bits`` / ``quant.down_bits`` apply; otherwise float32 both ways.
-      aqt: ``config.aqt`` applies; otherwise the matmuls are float.
-      allocators: the ``allocation.method`` values it accepts.
-      optimizes_bits: ``allocation.optimize_bits`` lets the solver choose its cut-layer bits.
-      streamable: it can run host-streamed (``train.stream``) and across several processes.
-      baseline: its latency and energy are reported next to every run's own (SPEC section 3).
-      config_block: ``() -> ConfigDict`` of its own fields, set at ``config.<name>``; None: none.
-      validate: ``(config) -> None`` raising ``ConfigError`` for a bad field of its block.
-      options: ``(config) -> dict`` of keyword arguments from its block; ``make`` and
-        ``cost_model`` each receive the ones their signatures name (``bind``).
-      build: ``(config, ViTConfig) -> model``, its own split of the architecture (with
-        ``segments(params, key)``, ``logits(...)``); None: the cut at ``model.cut_layer``.
-      workload: ``(model, params_c, params_s, Workload, config) -> workload`` its cost model
-        reads (a ``Workload`` subclass, so the comparison protocols' costs still apply); None:
-        the split model's ``Workload``.
+      model: latency and device energy of one round (``wireless.costs``, common signature
+        ``(devices, steps, power_w, bandwidth_hz, up_bits, workload, params, down_bits)``, plus
+        ``counts`` when it names them); it gives the simulated clock. None: the protocol's
+        planner (ESFL's) or engine (FTTE's) costs its rounds itself.
+      split: whether the round's compute/communication split is reported (the slowest device's,
+        meaningful when the round time is one device's finish time).
+      workload: ``(model, params_c, params_s, Workload, config) -> workload`` the cost model or
+        planner reads (a ``Workload`` subclass, so the comparison protocols' costs still apply);
+        needs ``Protocol.build``. None: the split model's ``Workload``.
       loads: ``(devices, steps, up_bits, workload, params, down_bits, counts) -> {compute_s,
         compute_j, up_bits, down_bits}``, the per-device loads of its round in the allocation
         problem's form (``T = A + D / r_up + H / r_dn``, ``E = C + p D / r_up``), so every
         allocator runs on its traffic; None: SFL-V1's (``wireless.costs.round_loads``).
+    """
+
+    model: Callable[..., dict] | None = None
+    split: bool = False
+    workload: Callable[..., Any] | None = None
+    loads: Callable[..., dict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A protocol's options: fields of its config block handed to its hooks. A subclass is a
+    frozen dataclass whose fields are keyword arguments of its training class, cost model,
+    loads or planner (each hook gets the ones its signature names), built by ``from_config``."""
+
+    @classmethod
+    def from_config(cls, config) -> Options:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """Everything that defines a training protocol, declared once in its own module and registered
+    in ``algorithms.registry`` under ``name`` (the value of ``config.algorithm``). The
+    invariants between the hooks are checked when a protocol is declared (``ValueError``).
+
+    Attributes:
+      name: the ``config.algorithm`` value.
+      make: ``(**SplitTraining fields, **options) -> algorithm``, the protocol's round. An
+        algorithm with ``parallel = True`` trains the clients of a chunk side by side
+        (``train_chunk``) and is aggregated by the engine's FedAvg; otherwise it trains the
+        round's clients in sequence and aggregates them itself (``train_sequence``).
+      costs: how its rounds are costed (``Costs``).
+      quantized_cut: ``quant.up_bits`` / ``quant.down_bits`` apply; otherwise float32 both ways.
+      aqt: ``config.aqt`` applies; otherwise the matmuls are float.
+      allocators: the ``allocation.method`` values it accepts.
+      optimizes_bits: ``allocation.optimize_bits`` lets the solver choose its cut-layer bits.
+      baseline: its latency and energy are reported next to every run's own (SPEC section 3).
+      config_block: ``() -> ConfigDict`` of its own fields, set at ``config.<name>``; None: none.
+      validate: ``(config) -> None`` raising ``ConfigError`` for a bad field of its block.
+      options: its ``Options`` subclass; every field must be a parameter of one of its hooks.
+      build: ``(config, ViTConfig) -> model``, its own split of the architecture (with
+        ``segments(params, key)``, ``logits(...)``); None: the cut at ``model.cut_layer``.
       planner: its round planner class when it decides more than power, bandwidth and bits
-        (ESFL's ``allocation.planner.CutPlanner``: cuts and server shares), built with
-        ``RoundPlanner``'s fields and the options its fields name; None: ``RoundPlanner``.
+        (ESFL's ``allocation.planner.CutPlanner``: cuts and server shares, and their costs),
+        built with ``RoundPlanner``'s fields and the options its fields name; None:
+        ``RoundPlanner`` on ``costs.model``.
       engine: ``(config, EngineInputs) -> (engine, initial state, system dict)``, its own
         engine (the asynchronous protocols' event loop, ``sflam_jax.events``): anything with the
         engine interface (``sflam_jax.engine``'s docstring); the trainer's rounds are its steps.
         None: the round engine (``engine.Engine``) with ``make``'s algorithm and the planner.
-      run_control: fields of its config block a resumed run may change (they steer the run, not
-        the numbers of a step), in addition to ``checkpoint.RUN_CONTROL_FIELDS``.
+      run_control: config fields a resumed run may change (they steer the run, not the numbers
+        of a step), in addition to ``checkpoint.RUN_CONTROL_FIELDS``.
     """
 
     name: str
-    title: str
     make: Callable[..., Any]
-    cost_model: Callable[..., dict] | None
-    cost_split: bool
+    costs: Costs
     quantized_cut: bool
     aqt: bool
     allocators: tuple[str, ...]
-    optimizes_bits: bool
-    streamable: bool
-    baseline: bool
+    optimizes_bits: bool = False
+    baseline: bool = False
     config_block: Callable[[], Any] | None = None
     validate: Callable[[Any], None] | None = None
-    options: Callable[[Any], dict] | None = None
+    options: type[Options] | None = None
     build: Callable[..., Any] | None = None
-    workload: Callable[..., Any] | None = None
-    loads: Callable[..., dict] | None = None
     planner: type | None = None
     engine: Callable[..., tuple] | None = None
     run_control: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        def fail(why: str):
+            raise ValueError(f"protocol {self.name!r}: {why}")
+
+        if not self.allocators:
+            fail("allocators is empty")
+        if self.costs.workload is not None and self.build is None:
+            fail("costs.workload reads the protocol's own model: set build")
+        own_costs = (self.costs.model is not None) + (self.planner is not None)
+        if self.engine is not None and own_costs:
+            fail("an engine of its own costs its clients: no costs.model or planner")
+        if self.engine is None and not own_costs:
+            fail("a round needs costs.model or a planner that costs it")
+        if self.optimizes_bits and not self.quantized_cut:
+            fail("optimizes_bits needs quantized_cut (float traffic has no bits to choose)")
+        if self.baseline and (self.quantized_cut or self.aqt or self.costs.model is None):
+            fail("a baseline has float traffic and matmuls and a cost model")
+        if self.options is not None:
+            hooks = [self.make, self.costs.model, self.costs.loads, self.planner]
+            named = set().union(*(_parameters(h) for h in hooks if h is not None))
+            for field in dataclasses.fields(self.options):
+                if field.name not in named:
+                    fail(
+                        f"option {field.name!r} of {self.options.__name__} is a parameter of "
+                        "none of its hooks (make, costs.model, costs.loads, planner)"
+                    )
+
+    @property
+    def streamable(self) -> bool:
+        """It can run host-streamed (``train.stream``) and across several processes: a round
+        engine protocol whose clients train side by side."""
+        make = getattr(self.make, "func", self.make)
+        return self.engine is None and bool(getattr(make, "parallel", False))
+
     def bind(self, fn: Callable, config) -> Callable:
-        """``fn`` (``make`` or ``cost_model``) with the protocol's options for ``config`` that
-        its signature names."""
+        """``fn`` (``make``, a cost model, loads or the planner) with the protocol's options for
+        ``config`` that its signature names."""
         if self.options is None:
             return fn
-        names = inspect.signature(fn).parameters
-        kwargs = {k: v for k, v in self.options(config).items() if k in names}
+        names = _parameters(fn)
+        record = self.options.from_config(config)
+        kwargs = {
+            f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.name in names
+        }
         return functools.partial(fn, **kwargs) if kwargs else fn
 
     def cut_bits(self, quant_cfg) -> tuple[int, int]:
@@ -131,20 +188,20 @@ class Protocol:
         return quant.FLOAT_BITS, quant.FLOAT_BITS
 
 
-def baseline(name: str, title: str, make, cost_model, cost_split: bool, streamable: bool):
+def _parameters(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def baseline(name: str, make, cost_model, cost_split: bool):
     """A protocol SFLAM is compared with (SPEC section 1): float cut-layer traffic and matmuls,
     full power on equal bandwidth shares, its costs reported next to every run's."""
     return Protocol(
         name=name,
-        title=title,
         make=make,
-        cost_model=cost_model,
-        cost_split=cost_split,
+        costs=Costs(model=cost_model, split=cost_split),
         quantized_cut=False,
         aqt=False,
         allocators=("equal",),
-        optimizes_bits=False,
-        streamable=streamable,
         baseline=True,
     )
 

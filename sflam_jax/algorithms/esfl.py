@@ -31,6 +31,8 @@ import optax
 
 from sflam_jax import quant
 from sflam_jax.algorithms.base import (
+    Costs,
+    Options,
     Protocol,
     RoundState,
     SplitTraining,
@@ -46,7 +48,7 @@ from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local
 from sflam_jax.errors import ConfigError
 from sflam_jax.models import split as split_lib
 from sflam_jax.models.split import VariableCut
-from sflam_jax.wireless.costs import Workload, device_memory_bytes, sflam_round_costs
+from sflam_jax.wireless.costs import Workload, device_memory_bytes
 
 
 def config_block() -> ml_collections.ConfigDict:
@@ -103,13 +105,19 @@ def candidates(cfg, depth: int) -> tuple[int, ...]:
     return tuple(sorted(set(cuts)))
 
 
-def options(cfg) -> dict:
-    e = cfg.esfl
-    return {
-        "chunk_size": cfg.train.chunk_size,
-        "memory_bytes": (float(e.memory_min_bytes), float(e.memory_max_bytes)),
-        "alternations": e.alternations,
-    }
+@dataclasses.dataclass(frozen=True)
+class CutOptions(Options):
+    """ESFL's options: clients side by side, the devices' memory range, ``esfl_ao``'s rounds."""
+
+    chunk_size: int
+    memory_bytes: tuple[float, float]
+    alternations: int
+
+    @classmethod
+    def from_config(cls, cfg) -> CutOptions:
+        e = cfg.esfl
+        memory = (float(e.memory_min_bytes), float(e.memory_max_bytes))
+        return cls(cfg.train.chunk_size, memory, e.alternations)
 
 
 def build(cfg, model_cfg) -> VariableCut:
@@ -237,22 +245,15 @@ def cut_workload(model: VariableCut, params_c, params_s, base: Workload, cfg) ->
 
 PROTOCOL = Protocol(
     name="esfl",
-    title="ESFL (per-device cuts and server shares)",
     make=PerDeviceCuts,
-    # The costs of a round at the config's cut with equal shares; the planner (``CutPlanner``)
-    # costs ESFL's own rounds at the cuts and shares it chooses.
-    cost_model=sflam_round_costs,
-    cost_split=True,
+    # The planner (``CutPlanner``) costs ESFL's rounds at the cuts and shares it chooses.
+    costs=Costs(split=True, workload=cut_workload),
     quantized_cut=True,
     aqt=True,
     allocators=CUT_SOLVERS,
-    optimizes_bits=False,
-    streamable=False,
-    baseline=False,
     config_block=config_block,
     validate=validate,
-    options=options,
+    options=CutOptions,
     build=build,
-    workload=cut_workload,
     planner=CutPlanner,
 )

@@ -12,9 +12,7 @@ from sflam_jax.wireless.costs import fl_round_costs
 
 PROTOCOL = baseline(
     name="fl",
-    title="FL (FedAvg, whole model on the device)",
     make=SFLV1,
     cost_model=fl_round_costs,
     cost_split=False,
-    streamable=True,
 )

@@ -31,7 +31,7 @@ import numpy as np
 
 from sflam_jax import events, streams
 from sflam_jax.algorithms import sparse
-from sflam_jax.algorithms.base import EngineInputs, Protocol, make_optimizer
+from sflam_jax.algorithms.base import Costs, EngineInputs, Protocol, make_optimizer
 from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
 from sflam_jax.errors import ConfigError
 from sflam_jax.wireless.channel import SystemParams
@@ -338,32 +338,19 @@ def build_engine(config, inputs: EngineInputs, sparse_variant: bool):
     return engine, initial, system
 
 
-def _protocol(name: str, title: str, sparse_variant: bool, **block) -> Protocol:
+def _protocol(name: str, sparse_variant: bool, **block) -> Protocol:
     return Protocol(
         name=name,
-        title=title,
         make=SparseClients,
-        cost_model=None,
-        cost_split=False,
+        costs=Costs(),
         quantized_cut=False,
         aqt=False,
         allocators=("equal",),
-        optimizes_bits=False,
-        streamable=False,
-        baseline=False,
         engine=functools.partial(build_engine, sparse_variant=sparse_variant),
         run_control=("ftte.stop_sim_seconds",),
         **block,
     )
 
 
-PROTOCOL = _protocol(
-    "ftte",
-    "FTTE (semi-asynchronous, sparse subset, staleness and variance weights)",
-    True,
-    config_block=config_block,
-    validate=validate,
-)
-FEDBUFF = _protocol(
-    "fedbuff", "FedBuff (buffered asynchronous FL, staleness weight)", False, validate=validate
-)
+PROTOCOL = _protocol("ftte", True, config_block=config_block, validate=validate)
+FEDBUFF = _protocol("fedbuff", False, validate=validate)

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from sflam_jax.algorithms.base import (
+    Costs,
+    Options,
     Protocol,
     RoundState,
     average_or_keep,
@@ -75,12 +77,17 @@ def validate(cfg) -> None:
         )
 
 
-def options(cfg) -> dict:
-    return {
-        "groups": cfg.gsfl.groups,
-        "grouping": cfg.gsfl.grouping,
-        "chunk_size": cfg.train.chunk_size,
-    }
+@dataclasses.dataclass(frozen=True)
+class GroupOptions(Options):
+    """GSFL's options: M, the grouping, groups side by side (``train.chunk_size``)."""
+
+    groups: int
+    grouping: str
+    chunk_size: int
+
+    @classmethod
+    def from_config(cls, cfg) -> GroupOptions:
+        return cls(cfg.gsfl.groups, cfg.gsfl.grouping, cfg.train.chunk_size)
 
 
 def group_slots(groups: int, grouping: str, times: jax.Array) -> jax.Array:
@@ -267,17 +274,12 @@ def round_costs(
 
 PROTOCOL = Protocol(
     name="gsfl",
-    title="GSFL (groups of clients, split learning inside a group)",
     make=GroupRelay,
-    cost_model=round_costs,
-    cost_split=False,
+    costs=Costs(model=round_costs),
     quantized_cut=True,
     aqt=True,
     allocators=("equal",),
-    optimizes_bits=False,
-    streamable=False,
-    baseline=False,
     config_block=config_block,
     validate=validate,
-    options=options,
+    options=GroupOptions,
 )

@@ -10,9 +10,7 @@ from sflam_jax.wireless.costs import sflam_round_costs
 
 PROTOCOL = baseline(
     name="sfl",
-    title="SFL (SFL-V1, float cut)",
     make=SFLV1,
     cost_model=sflam_round_costs,
     cost_split=True,
-    streamable=True,
 )

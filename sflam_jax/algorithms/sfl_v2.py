@@ -114,9 +114,7 @@ class SharedServer(SplitTraining):
 
 PROTOCOL = baseline(
     name="sfl_v2",
-    title="SFL-V2 (one shared server segment, float cut)",
     make=SharedServer,
     cost_model=sfl_v2_round_costs,
     cost_split=False,
-    streamable=False,
 )

@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sflam_jax.algorithms.base import Protocol, SplitTraining
+from sflam_jax.algorithms.base import Costs, Protocol, SplitTraining
 from sflam_jax.allocation import IN_GRAPH
 from sflam_jax.data.batches import ClientRows, local_steps
 from sflam_jax.wireless.costs import sflam_round_costs
@@ -67,14 +67,10 @@ class SFLV1(SplitTraining):
 
 PROTOCOL = Protocol(
     name="sflam",
-    title="SFLAM (SFL-V1, quantized cut, optimised resources)",
     make=SFLV1,
-    cost_model=sflam_round_costs,
-    cost_split=True,
+    costs=Costs(model=sflam_round_costs, split=True),
     quantized_cut=True,
     aqt=True,
     allocators=tuple(IN_GRAPH),
     optimizes_bits=True,
-    streamable=True,
-    baseline=False,
 )

@@ -36,6 +36,8 @@ import optax
 
 from sflam_jax import quant
 from sflam_jax.algorithms.base import (
+    Costs,
+    Options,
     Protocol,
     RoundState,
     SplitTraining,
@@ -97,14 +99,19 @@ def check_depth(cfg, depth: int) -> None:
         )
 
 
-def options(cfg) -> dict:
-    p = cfg.sfprompt
-    return {
-        "keep": float(p.keep),
-        "local_loss_epochs": p.local_epochs,
-        "prune_first_round": p.prune_first_round,
-        "chunk_size": cfg.train.chunk_size,
-    }
+@dataclasses.dataclass(frozen=True)
+class PromptOptions(Options):
+    """SFPrompt's options: pruning, the local-loss phase, clients side by side."""
+
+    keep: float
+    local_loss_epochs: int
+    prune_first_round: bool
+    chunk_size: int
+
+    @classmethod
+    def from_config(cls, cfg) -> PromptOptions:
+        p = cfg.sfprompt
+        return cls(float(p.keep), p.local_epochs, p.prune_first_round, cfg.train.chunk_size)
 
 
 def build(cfg, model_cfg) -> UShape:
@@ -456,20 +463,14 @@ def round_costs(
 
 PROTOCOL = Protocol(
     name="sfprompt",
-    title="SFPrompt (U-shaped split prompt tuning, frozen body)",
     make=PromptTuning,
-    cost_model=round_costs,
-    cost_split=True,
+    costs=Costs(model=round_costs, split=True, workload=prompt_workload, loads=round_loads),
     quantized_cut=True,
     aqt=False,
     allocators=tuple(IN_GRAPH),
     optimizes_bits=True,
-    streamable=False,
-    baseline=False,
     config_block=config_block,
     validate=validate,
-    options=options,
+    options=PromptOptions,
     build=build,
-    workload=prompt_workload,
-    loads=round_loads,
 )

@@ -13,9 +13,7 @@ from sflam_jax.wireless.costs import sl_round_costs
 
 PROTOCOL = baseline(
     name="sl",
-    title="SL (vanilla split learning, client segment relayed)",
     make=functools.partial(SharedServer, relay_client=True),
     cost_model=sl_round_costs,
     cost_split=False,
-    streamable=False,
 )
