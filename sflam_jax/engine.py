@@ -175,20 +175,30 @@ class Engine:
         Args:
           plan: ``[S]`` arrays from ``round_plan``.
           slots: ``[num_chunks, C]`` int, the sampled client (its position in ``plan``) of each
-            slot; -1 for an empty slot (count 0, float bits, never trained).
+            slot; -1 for an empty slot (count 0, the algorithm's ``empty_row``, never trained).
         """
         taken = slots >= 0
         pick = lambda x: jnp.where(taken, x[jnp.maximum(slots, 0)], 0)  # noqa: E731
-        out = {
+        return {
             "positions": jnp.where(taken, slots, self.clients_per_round),
             "clients": pick(plan["clients"]),
             "counts": pick(plan["counts"]),
-            "up_bits": jnp.where(
-                taken, plan["up_bits"][jnp.maximum(slots, 0)], float(quant.FLOAT_BITS)
-            ),
+            "entries": self.entries(plan, slots),
+            "keys": plan["keys"][jnp.maximum(slots, 0)],
         }
-        out["keys"] = plan["keys"][jnp.maximum(slots, 0)]
-        return out
+
+    def entries(self, plan: dict, positions: jax.Array):
+        """The algorithm's ``plan_row`` of the clients at ``positions`` (any shape; -1: an empty
+        slot, which gets its ``empty_row``)."""
+        alg = self.algorithm
+        taken = positions >= 0
+
+        def pick(x, empty):
+            where = taken.reshape(taken.shape + (1,) * (x.ndim - taken.ndim))
+            return jnp.where(where, x, jnp.asarray(empty, x.dtype))
+
+        got = alg.plan_row(plan, jnp.maximum(positions, 0))
+        return jax.tree.map(pick, got, alg.empty_row())
 
     def natural_slots(self) -> jax.Array:
         """``[num_chunks, C]`` slots holding the S sampled clients in order, then empty ones."""
@@ -199,18 +209,26 @@ class Engine:
     # -- 2. train (parallel protocols) ------------------------------------------------------
 
     def empty_sums(self, state: RoundState):
-        """The running sums training adds to: the data-weighted segments, ``[3]`` stats, the total
-        weight ``sum_k n_k``, the ``[S, 3]`` finite flags of the sampled clients (by their position
-        in the plan; True until trained) and the client steps computed (useful or not)."""
+        """The running sums training adds to: the data-weighted averaged parameters (the
+        algorithm's ``averaged`` parts of both segments), ``[3]`` stats, the total weight ``sum_k
+        n_k``, the ``[S, 3]`` finite flags of the sampled clients (by their position in the plan;
+        True until trained) and the client steps computed (useful or not)."""
         zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+        avg_c, avg_s = self.algorithm.averaged(state.params_c, state.params_s)
         return (
-            zeros(state.params_c),
-            zeros(state.params_s),
+            zeros(avg_c),
+            zeros(avg_s),
             jnp.zeros((3,), jnp.float32),
             jnp.zeros((), jnp.float32),
             jnp.ones((self.clients_per_round, 3), bool),
             jnp.zeros((), jnp.int32),
         )
+
+    def bound(self, state: RoundState) -> Engine:
+        """The engine with its algorithm bound to the round's global state
+        (``SplitTraining.for_round``: SFPrompt's frozen parts, which no lane copies)."""
+        alg = self.algorithm.for_round(state)
+        return self if alg is self.algorithm else dataclasses.replace(self, algorithm=alg)
 
     def stacked(self, state: RoundState, c: int):
         """The global segments broadcast to ``c`` client copies, placed on the mesh."""
@@ -221,35 +239,36 @@ class Engine:
             params_s = self.layout.stacked(params_s, server=True)
         return params_c, params_s
 
-    @staticmethod
-    def add_clients(sums, params_c, params_s, stats, weights, positions):
+    def add_clients(self, sums, avg_c, avg_s, stats, weights, positions):
         """Adds C trained clients to the running sums.
 
         Args:
           sums: from ``empty_sums``.
-          params_c, params_s: ``[C, ...]`` their segments.
+          avg_c, avg_s: ``[C, ...]`` their averaged parameters (``client_result``).
           stats: ``[C, 3]`` summed loss, correct predictions, samples.
-          weights: ``[C]`` FedAvg weights ``n_k`` (0 for a lane or slot that adds nothing).
+          weights: ``[C]`` FedAvg weights (``client_weight``; 0 for a lane or slot that adds
+            nothing).
           positions: ``[C]`` their positions in the plan (out of range: no finite flags).
         """
         acc_c, acc_s, acc_stats, acc_w, health, computed = sums
         w = weights.astype(jnp.float32)
-        acc_c = jax.tree.map(jnp.add, acc_c, weighted_sum(params_c, w))
-        acc_s = jax.tree.map(jnp.add, acc_s, weighted_sum(params_s, w))
+        acc_c = jax.tree.map(jnp.add, acc_c, weighted_sum(avg_c, w))
+        acc_s = jax.tree.map(jnp.add, acc_s, weighted_sum(avg_s, w))
+        c = stats.shape[0]
         flags = jnp.stack(
-            [jnp.isfinite(stats[:, 0]), finite_per_client(params_c), finite_per_client(params_s)],
+            [jnp.isfinite(stats[:, 0]), finite_per_client(avg_c, c), finite_per_client(avg_s, c)],
             axis=1,
         )
         health = health.at[positions].set(flags, mode="drop")
         stats = acc_stats + jnp.sum(jnp.where(w[:, None] > 0, stats, 0.0), axis=0)
         return (acc_c, acc_s, stats, acc_w + jnp.sum(w), health, computed)
 
-    def train_chunk(self, state: RoundState, rows, counts, up_bits, keys):
+    def train_chunk(self, state: RoundState, rows, counts, entries, keys):
         """C clients' local training from the global model, placed on the mesh."""
         params_c, params_s = self.stacked(state, counts.shape[0])
         if self.layout is not None:
             rows = self.layout.client_major(rows)
-        return self.algorithm.train_chunk(params_c, params_s, rows, counts, up_bits, keys)
+        return self.algorithm.train_chunk(params_c, params_s, rows, counts, entries, keys)
 
     def accumulate(self, state: RoundState, sums, chunks: dict, rows_of: Callable):
         """The ``"chunks"`` schedule: trains the chunks ``[n, C]`` of ``chunks`` and adds them to
@@ -258,18 +277,21 @@ class Engine:
         Args:
           state: the round's global model.
           sums: from ``empty_sums`` or a previous call.
-          chunks: ``{"positions", "clients", "counts", "up_bits", "keys"}`` each ``[n, C]``, plus
-            whatever ``rows_of`` reads.
+          chunks: ``{"positions", "clients", "counts", "entries", "keys"}`` each ``[n, C]``
+            (``entries``: a pytree), plus whatever ``rows_of`` reads.
           rows_of: chunk -> ``ClientRows [C, L, ...]``, its clients' samples.
         """
 
+        alg = self.algorithm
+
         def chunk_body(acc, chunk):
-            counts = chunk["counts"]
-            params_c, params_s, stats = self.train_chunk(
-                state, rows_of(chunk), counts, chunk["up_bits"], chunk["keys"]
+            counts, entries = chunk["counts"], chunk["entries"]
+            avg_c, avg_s, stats = self.train_chunk(
+                state, rows_of(chunk), counts, entries, chunk["keys"]
             )
-            acc = self.add_clients(acc, params_c, params_s, stats, counts, chunk["positions"])
-            steps = jnp.max(self.local_steps(counts)) * counts.shape[0]
+            weights = alg.client_weight(counts, entries)
+            acc = self.add_clients(acc, avg_c, avg_s, stats, weights, chunk["positions"])
+            steps = jnp.max(alg.client_steps(counts, entries)) * counts.shape[0]
             return (*acc[:-1], acc[-1] + steps), None
 
         return jax.lax.scan(chunk_body, sums, chunks)[0]
@@ -344,12 +366,15 @@ class Engine:
             count = jnp.where(take, plan["counts"][pos], 0)
             index = index_of(pos, depth)
             width = index.shape[1]
-            carry, orders, step_key = jax.vmap(
-                lambda pc, ps, n, k: alg.client_start(pc, ps, n, k, width)
-            )(global_c, global_s, count, plan["keys"][pos])
             pick = lambda new, old: jax.tree.map(  # noqa: E731
                 lambda x, y: jnp.where(take.reshape(-1, *([1] * (x.ndim - 1))), x, y), new, old
             )
+            entry = pick(alg.plan_row(plan, pos), ls["entry"])
+            rows = IndexedRows(rows_table.images, rows_table.labels, index)
+            carry, orders, step_key = jax.vmap(
+                lambda pc, ps, n, k, r, e: alg.client_start(pc, ps, n, k, width, r, e),
+                in_axes=(0, 0, 0, 0, rows_axes, 0),
+            )(global_c, global_s, count, plan["keys"][pos], rows, entry)
             count = jnp.where(which, count, ls["count"])
             return {
                 **ls,
@@ -358,8 +383,8 @@ class Engine:
                 "step_key": pick(step_key, ls["step_key"]),
                 "index": pick(index, ls["index"]),
                 "count": count,
-                "bits": jnp.where(take, plan["up_bits"][pos], ls["bits"]),
-                "tau": self.local_steps(count),
+                "entry": entry,
+                "tau": alg.client_steps(count, entry),
                 "t": jnp.where(which, 0, ls["t"]),
                 "depth": depth,
                 "pos": jnp.where(take, pos, ls["pos"]),
@@ -367,10 +392,10 @@ class Engine:
             }
 
         def finish(ls, finished):
-            params_c, params_s, stats = alg.client_result(ls["carry"])
-            weights = jnp.where(finished, ls["count"], 0)
+            avg_c, avg_s, stats = jax.vmap(alg.client_result)(ls["carry"])
+            weights = jnp.where(finished, alg.client_weight(ls["count"], ls["entry"]), 0)
             positions = jnp.where(finished, ls["pos"], self.clients_per_round)
-            acc = self.add_clients(ls["sums"], params_c, params_s, stats, weights, positions)
+            acc = self.add_clients(ls["sums"], avg_c, avg_s, stats, weights, positions)
             return load({**ls, "sums": acc}, finished)
 
         def body(ls):
@@ -386,7 +411,7 @@ class Engine:
                 0,
                 run,
                 lambda i, carry: step_fn(
-                    carry, rows, ls["count"], ls["orders"], ls["bits"], ls["step_key"], ls["t"] + i
+                    carry, rows, ls["count"], ls["orders"], ls["entry"], ls["step_key"], ls["t"] + i
                 ),
                 ls["carry"],
             )
@@ -403,7 +428,9 @@ class Engine:
             "step_key": plan["keys"][jnp.zeros((c,), jnp.int32)],
             "index": index,
             "count": jnp.zeros((c,), jnp.int32),
-            "bits": jnp.full((c,), float(quant.FLOAT_BITS)),
+            "entry": jax.tree.map(
+                lambda e: jnp.broadcast_to(jnp.asarray(e), (c, *jnp.shape(e))), alg.empty_row()
+            ),
             "tau": jnp.zeros((c,), jnp.int32),
             "t": jnp.zeros((c,), jnp.int32),
             "depth": jnp.full((c,), -1, jnp.int32),
@@ -420,11 +447,15 @@ class Engine:
         """FedAvg from the running sums (``rho_k = n_k / sum_j n_j``); returns the segments and
         the round's ``[3]`` stats."""
         sum_c, sum_s, stats, weight = sums[:4]
-        return (
-            average_or_keep(sum_c, weight, state.params_c),
-            average_or_keep(sum_s, weight, state.params_s),
-            stats,
+        alg = self.algorithm
+        old_c, old_s = alg.averaged(state.params_c, state.params_s)
+        params_c, params_s = alg.with_averaged(
+            state.params_c,
+            state.params_s,
+            average_or_keep(sum_c, weight, old_c),
+            average_or_keep(sum_s, weight, old_s),
         )
+        return params_c, params_s, stats
 
     def round(self, state: RoundState, data: ClientData, key: jax.Array, up_bits=32):
         """One round of the protocol.
@@ -445,25 +476,33 @@ class Engine:
           ``sim_time_s`` and ``sim_energy_j``.
         """
         plan, system = self.round_plan(data.counts, key, up_bits)
-        if not self.algorithm.parallel:
-            params_c, params_s, stats, health, computed = self.algorithm.train_sequence(
+        return self.train_plan(state, data, plan, system)
+
+    def train_plan(self, state: RoundState, data: ClientData, plan: dict, system=None):
+        """Trains and aggregates the clients of a given ``plan`` (``round_plan``'s, or one set
+        by hand: the tests give ESFL's cuts this way); ``system``: the planner's metrics.
+        Returns ``round``'s ``(new_state, metrics)``."""
+        system = {} if system is None else system
+        eng = self.bound(state)  # the round's own engine from here on
+        if not eng.algorithm.parallel:
+            params_c, params_s, stats, health, computed = eng.algorithm.train_sequence(
                 state, plan, lambda ids: gather_rows(data, ids)
             )
-            return self.finish_round(
+            return eng.finish_round(
                 state, system, params_c, params_s, stats, plan, health, computed
             )
-        sums = self.empty_sums(state)
-        if self.schedule == "chunks":
-            chunks = self.in_chunks(plan, self.natural_slots())
-            sums = self.accumulate(state, sums, chunks, lambda c: gather_rows(data, c["clients"]))
+        sums = eng.empty_sums(state)
+        if eng.schedule == "chunks":
+            chunks = eng.in_chunks(plan, eng.natural_slots())
+            sums = eng.accumulate(state, sums, chunks, lambda c: gather_rows(data, c["clients"]))
         else:
             table = IndexedRows(data.images, data.labels, None)
-            queues = self.lane_queues(plan["counts"], self.chunk)
+            queues = eng.lane_queues(plan["counts"], eng.chunk)
             index_of = lambda pos, depth: data.index[plan["clients"][pos]]  # noqa: E731
-            sums = self.train_lanes(
+            sums = eng.train_lanes(
                 state, sums, plan, queues, (table, IndexedRows(None, None, 0)), index_of
             )
-        return self.finish_sums(state, system, sums, plan)
+        return eng.finish_sums(state, system, sums, plan)
 
     def local_steps(self, counts):
         """``tau_k`` of clients holding ``counts`` samples."""
@@ -501,7 +540,11 @@ class Engine:
             "train_accuracy": stats[1] / stats[2],
             "samples": stats[2],
             "clients": plan["clients"],
-            "useful_client_steps": jnp.sum(self.local_steps(plan["counts"])),
+            "useful_client_steps": jnp.sum(
+                self.algorithm.client_steps(
+                    plan["counts"], self.entries(plan, jnp.arange(plan["counts"].shape[0]))
+                )
+            ),
             "computed_client_steps": computed,
             HEALTH: health,
             **system,

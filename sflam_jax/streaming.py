@@ -145,12 +145,15 @@ class StreamedRound:
         self.counts = host.counts
         self.lanes = engine.schedule == "lanes"
         self.block_sharding = layout.lane_sharding() if self.lanes else layout.block_sharding()
-        sums_sh = (state_shardings.params_c, state_shardings.params_s, repl, repl, repl, repl)
+        avg_c, avg_s = engine.algorithm.averaged(state_shardings.params_c, state_shardings.params_s)
+        sums_sh = (avg_c, avg_s, repl, repl, repl, repl)
         self._queues = jax.jit(engine.lane_queues, static_argnums=1)
         self._plan = jax.jit(
             lambda counts, r: engine.round_plan(counts, key_of(r), up_bits), out_shardings=repl
         )
-        self._empty = jax.jit(engine.empty_sums, out_shardings=sums_sh)
+        self._empty = jax.jit(
+            lambda state: engine.bound(state).empty_sums(state), out_shardings=sums_sh
+        )
         self._accumulate = jax.jit(self._accumulate_block, donate_argnums=1, out_shardings=sums_sh)
         self._finish = jax.jit(
             self._finish_round,
@@ -159,6 +162,7 @@ class StreamedRound:
         )
 
     def _accumulate_block(self, state, sums, plan, slots, rows: ClientRows):
+        engine = self.engine.bound(state)
         if self.lanes:
             # Lane c's block rows [n, L, ...] as one table; entry d of its queue starts at d * L.
             c, n, width = rows.labels.shape
@@ -168,15 +172,15 @@ class StreamedRound:
                 None,
             )
             index_of = lambda pos, depth: depth[:, None] * width + jnp.arange(width)  # noqa: E731
-            return self.engine.train_lanes(
+            return engine.train_lanes(
                 state, sums, plan, slots, (table, IndexedRows(0, 0, 0)), index_of
             )
-        chunks = self.engine.in_chunks(plan, slots)
+        chunks = engine.in_chunks(plan, slots)
         chunks["rows"] = rows
-        return self.engine.accumulate(state, sums, chunks, lambda c: c["rows"])
+        return engine.accumulate(state, sums, chunks, lambda c: c["rows"])
 
     def _finish_round(self, state, sums, system, plan):
-        return self.engine.finish_sums(state, system, sums, plan)
+        return self.engine.bound(state).finish_sums(state, system, sums, plan)
 
     def _block_rows(self, plan_host, slots: np.ndarray) -> ClientRows:
         """This process's lanes (columns) of the block, gathered on the host and placed on the

@@ -20,7 +20,6 @@ from oracles import (
 from sflam_jax import experiment, train
 from sflam_jax.algorithms import esfl
 from sflam_jax.algorithms.base import Preprocess
-from sflam_jax.data.batches import gather_rows
 from sflam_jax.engine import Engine
 from sflam_jax.errors import ConfigError
 from sflam_jax.metrics import read_jsonl
@@ -32,34 +31,41 @@ PRE = Preprocess(mean=(0.5,), std=(0.5,), image_size=14)
 CFG = vit.vit_config("tiny", image_size=14, channels=1, num_classes=3, patch_size=7)
 
 
-def _round(sizes, cuts, bits, down_bits=32, chunk=0, seed=0):
+def _round(sizes, cuts, bits, down_bits=32, chunk=0, seed=0, schedule="lanes"):
     """One ESFL round of 3 sampled clients at the given cuts (no planner): the plan, the
-    training's result and the setup."""
+    engine's ``(params_c, params_s, stats [3], health [3, S])`` and the setup."""
     _, state, data, images, labels, parts = setup(sizes, 1, seed)
     model = split_lib.VariableCut(CFG, 1)
     opt = optax.sgd(LR, momentum=MOMENTUM)
-    alg = esfl.PerDeviceCuts(model, opt, PRE, E, B, down_bits=down_bits, chunk_size=chunk)
-    engine = Engine(alg, 3)
+    alg = esfl.PerDeviceCuts(model, opt, PRE, E, B, down_bits=down_bits)
+    engine = Engine(alg, 3, chunk_size=chunk, schedule=schedule)
     key = jax.random.key(42)
     plan, _ = engine.round_plan(data.counts, key, jnp.asarray(bits, jnp.float32))
     plan["cuts"] = jnp.asarray(cuts, jnp.int32)
-    run = jax.jit(lambda st, pl: alg.train_sequence(st, pl, lambda ids: gather_rows(data, ids)))
-    return plan, run(state, plan), (state, images, labels, parts, key)
+    new, metrics = jax.jit(engine.train_plan)(state, data, plan)
+    n = metrics["samples"]
+    stats = jnp.stack([metrics["train_loss"] * n, metrics["train_accuracy"] * n, n])
+    result = (new.params_c, new.params_s, stats, metrics["health"])
+    return plan, result, (state, images, labels, parts, key)
 
 
 @pytest.mark.parametrize(
-    ("sizes", "cuts", "bits", "down_bits", "chunk"),
+    ("sizes", "cuts", "bits", "down_bits", "chunk", "schedule"),
     [
         # sizes are multiples of B with quantized traffic (the oracle's batches are unpadded)
-        ([8, 16, 4, 12, 8], [0, 2, 1], [4, 8, 6], 8, 2),
-        ([7, 13, 3, 10, 5], [2, 0, 1], [32, 32, 32], 32, 0),
+        ([8, 16, 4, 12, 8], [0, 2, 1], [4, 8, 6], 8, 2, "lanes"),
+        ([7, 13, 3, 10, 5], [2, 0, 1], [32, 32, 32], 32, 0, "lanes"),
+        ([7, 13, 3, 10, 5], [1, 2, 0], [32, 32, 32], 32, 2, "chunks"),
     ],
 )
-def test_mixed_cuts_equal_split_training_at_each_clients_cut(sizes, cuts, bits, down_bits, chunk):
-    """The vmapped round with mixed cuts is a plain loop of SFL-V1 clients, each split at its own
-    cut (explicit vjp through the quantized link, two optimizers), then FedAvg of full models."""
-    plan, (params_c, params_s, stats, health, _), setup = _round(
-        sizes, cuts, bits, down_bits, chunk
+def test_mixed_cuts_equal_split_training_at_each_clients_cut(
+    sizes, cuts, bits, down_bits, chunk, schedule
+):
+    """The round with mixed cuts, on the engine's lanes or chunks, is a plain loop of SFL-V1
+    clients, each split at its own cut (explicit vjp through the quantized link, two optimizers),
+    then FedAvg of full models."""
+    plan, (params_c, params_s, stats, health), setup = _round(
+        sizes, cuts, bits, down_bits, chunk, schedule=schedule
     )
     state, images, labels, parts, key = setup
     whole = split_lib.merge_params(state.params_c, state.params_s)
@@ -90,7 +96,7 @@ def test_mixed_cuts_equal_split_training_at_each_clients_cut(sizes, cuts, bits, 
     if min(bits) == 32 and down_bits == 32:
         chex.assert_trees_all_close(got, expected, atol=5e-5)
     else:
-        _, (float_c, float_s, float_stats, *_), _ = _round(sizes, cuts, [32] * 3, 32, chunk)
+        _, (float_c, float_s, float_stats, _), _ = _round(sizes, cuts, [32] * 3, 32, chunk)
         unquantized = (split_lib.merge_params(float_c, float_s), float_stats[0] / float_stats[2])
         assert_close_through_rounding(got, expected, unquantized, atol=5e-5)
     assert bool(np.all(health))

@@ -55,7 +55,15 @@ def setup(sizes, head_blocks=1, tail_blocks=0, seed=0):
     return model, RoundState.create(params_c, params_s), data, images, labels, parts
 
 
-def _engine(model, per_round, keep=1.0, local_loss_epochs=0, chunk_size=0, prune_first=False):
+def _engine(
+    model,
+    per_round,
+    keep=1.0,
+    local_loss_epochs=0,
+    chunk_size=0,
+    prune_first=False,
+    schedule="lanes",
+):
     algorithm = sfprompt.PromptTuning(
         model,
         optax.sgd(LR, momentum=MOMENTUM),
@@ -65,9 +73,8 @@ def _engine(model, per_round, keep=1.0, local_loss_epochs=0, chunk_size=0, prune
         keep=keep,
         local_loss_epochs=local_loss_epochs,
         prune_first_round=prune_first,
-        chunk_size=chunk_size,
     )
-    return Engine(algorithm, per_round)
+    return Engine(algorithm, per_round, chunk_size=chunk_size, schedule=schedule)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -144,16 +151,16 @@ def test_round_matches_explicit_vjp_reference(tail_blocks, per_round):
 
 
 def test_vmapped_round_equals_a_loop_over_clients():
-    """Pruning, the local-loss phase and an 8-bit cut on: clients in chunks of two (vmapped, a
-    padding slot) and one at a time give the same round."""
+    """Pruning, the local-loss phase and an 8-bit cut on: clients on two lanes, in chunks of two
+    (vmapped, a padding slot) and one at a time give the same round."""
     model, state, data, *_ = setup([8, 16, 4, 12, 8])
     key = jax.random.key(2)
     state = state.replace(round=jnp.int32(1))  # a pruned round
     results = [
-        jax.jit(_engine(model, 3, keep=0.5, local_loss_epochs=1, chunk_size=c).round)(
-            state, data, key, 8
-        )
-        for c in (2, 1)
+        jax.jit(
+            _engine(model, 3, keep=0.5, local_loss_epochs=1, chunk_size=c, schedule=schedule).round
+        )(state, data, key, 8)
+        for c, schedule in ((2, "lanes"), (2, "chunks"), (1, "lanes"))
     ]
     for new, metrics in results[1:]:
         chex.assert_trees_all_close(new.params_c, results[0][0].params_c, atol=1e-6)

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from sflam_jax import quant
-from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders
+from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
 from sflam_jax.errors import NonFiniteError
 from sflam_jax.models.split import SplitModel
 
@@ -344,20 +344,91 @@ class SplitTraining:
             jnp.zeros((3,), jnp.float32),
         )
 
-    def client_start(self, params_c, params_s, count, key, width: int):
+    def client_start(self, params_c, params_s, count, key, width: int, rows=None, entry=None):
         """A client's start: ``(carry, orders [E, width], step key)`` from its round key (the
-        epoch shuffles and the step noise are separate streams of it)."""
+        epoch shuffles and the step noise are separate streams of it). ``rows`` (its samples)
+        and ``entry`` (its ``plan_row``) are for protocols whose start does work (SFPrompt's
+        pruning and local-loss phase)."""
+        del rows, entry
         order_key, step_key = jax.random.split(key)
         orders = epoch_orders(order_key, count, width, self.local_epochs)
         return self.start_carry(params_c, params_s), orders, step_key
 
-    @staticmethod
-    def client_result(carry):
-        """``(params_c, params_s, stats [3])`` of a local-training carry."""
+    def client_result(self, carry):
+        """``(averaged client part, averaged server part, stats [3])`` of a local-training carry:
+        the parameters FedAvg averages (``averaged``'s structure), here both whole segments."""
         return carry[0], carry[1], carry[4]
 
+    def for_round(self, state) -> SplitTraining:
+        """This training bound to the round's global state (no change here; SFPrompt closes
+        over its frozen parts so that no client lane copies them)."""
+        del state
+        return self
+
+    def averaged(self, params_c, params_s):
+        """The parts of both segments FedAvg averages (and ``client_result`` returns): here all."""
+        return params_c, params_s
+
+    def with_averaged(self, params_c, params_s, avg_c, avg_s):
+        """The segments with their averaged parts replaced by ``avg_c``, ``avg_s``."""
+        del params_c, params_s
+        return avg_c, avg_s
+
+    def client_steps(self, counts, entries):
+        """``tau_k`` of clients holding ``counts`` samples with these plan entries."""
+        del entries
+        return local_steps(counts, self.batch_size, self.local_epochs)
+
+    def client_weight(self, counts, entries):
+        """FedAvg weights of these clients: their samples ``n_k``."""
+        del entries
+        return counts
+
+    def plan_row(self, plan: dict, positions: jax.Array):
+        """What a client's steps read of the round's plan (``engine.Engine.round_plan``): the
+        entries at ``positions`` (any shape), a pytree of arrays of that shape. SFL-V1's: the
+        uplink bits; a protocol whose clients differ in more (ESFL's cuts) returns more."""
+        return plan["up_bits"][positions]
+
+    def empty_row(self):
+        """``plan_row`` of an empty slot or lane (it trains nothing): float traffic."""
+        return jnp.float32(quant.FLOAT_BITS)
+
+    def train_chunk(self, params_c, params_s, rows: ClientRows, counts, entries, keys):
+        """Local training of C clients side by side from their starting copies (``parallel``
+        protocols; the engine's ``"chunks"`` schedule).
+
+        Args:
+          params_c: ``[C, ...]`` each client's starting client segment.
+          params_s: ``[C, ...]`` each client's starting server copy.
+          rows: ``[C, L, ...]`` the clients' padded samples.
+          counts: ``[C]`` samples of each (0 for padding slots).
+          entries: ``[C, ...]`` their ``plan_row`` (the uplink bits for SFL-V1).
+          keys: ``[C]`` per-client keys.
+
+        Returns:
+          ``(averaged client parts [C, ...], averaged server parts [C, ...], stats [C, 3])``
+          (``client_result``) with stats (summed loss, correct, samples seen). The step loop
+          stops at the chunk's largest ``tau_k``; clients that are done earlier keep their
+          parameters (masked update).
+        """
+        width = rows.labels.shape[1]
+        carry, orders, step_keys = jax.vmap(
+            lambda pc, ps, n, k, r, e: self.client_start(pc, ps, n, k, width, r, e)
+        )(params_c, params_s, counts, keys, rows, entries)
+        step_fn = jax.vmap(self.client_step, in_axes=(0, 0, 0, 0, 0, 0, None))
+        num_steps = jnp.max(self.client_steps(counts, entries))
+        carry = jax.lax.fori_loop(
+            0,
+            num_steps,
+            lambda t, carry: step_fn(carry, rows, counts, orders, entries, step_keys, t),
+            carry,
+        )
+        return jax.vmap(self.client_result)(carry)
+
     def client_step(self, carry, rows: ClientRows, count, orders, up_bits, key, step):
-        """One local step of one client and its server copy; a step with no samples is a no-op."""
+        """One local step of one client and its server copy (``up_bits``: its ``plan_row``); a
+        step with no samples is a no-op."""
         params_c, params_s, opt_c, opt_s, stats = carry
         images, labels, mask = client_batch(rows, count, orders, step, self.batch_size)
         grad_fn = jax.value_and_grad(self.client_loss, argnums=(0, 1), has_aux=True)
@@ -407,11 +478,14 @@ HEALTH_PARTS = ("loss", "client segment", "server copy")
 HEALTH_ADVICE = "Lower optimizer.learning_rate or raise the quantization bits"
 
 
-def finite_per_client(trees) -> jax.Array:
-    """``[C]`` bool: whether every value of client c's slice of the stacked ``trees`` is finite."""
+def finite_per_client(trees, clients: int | None = None) -> jax.Array:
+    """``[C]`` bool: whether every value of client c's slice of the stacked ``trees`` is finite
+    (all True for a tree without leaves, of ``clients`` entries)."""
     leaves = [
         jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(trees)
     ]
+    if not leaves:
+        return jnp.ones((clients,), bool)
     return jnp.all(jnp.stack(leaves), axis=0)
 
 
@@ -444,57 +518,6 @@ def check_health(
         + (f" (also clients {others})" if others else "")
         + f"; the round was not saved. {advice}, then resume from the last good checkpoint."
     )
-
-
-def fedavg_in_chunks(train_chunk: Callable, plan: dict, rows_of: Callable, chunk_size: int, like):
-    """Trains the S planned clients a chunk at a time and sums their results for FedAvg: the
-    loop of a protocol that trains its clients side by side itself (``parallel = False``).
-
-    Args:
-      train_chunk: ``(chunk) -> (trees [C, ...], stats [C, 3], weights [C], flags [C, 3],
-        computed steps)`` for a dict ``chunk`` of the plan's ``[S]`` entries at the chunk's C
-        clients plus their ``rows``; an empty slot (past S) has count 0 and float bits.
-      plan: the round's plan (``engine.Engine.round_plan``), ``[S]`` arrays.
-      rows_of: ``[C]`` client ids -> their ``ClientRows [C, L, ...]``.
-      chunk_size: C (0: all S at once).
-      like: a tree of the summed results' shapes (one client's).
-
-    Returns:
-      ``(weighted sums, stats [3], total weight, health [3, S], computed steps)``.
-    """
-    s = plan["counts"].shape[0]
-    c = min(chunk_size or s, s)
-    slots = jnp.arange(-(-s // c) * c, dtype=jnp.int32).reshape(-1, c)
-
-    def chunk(acc, where):
-        total, stats, weight, health, computed = acc
-        taken = where < s
-        at = jnp.minimum(where, s - 1)
-        batch = {k: v[at] for k, v in plan.items() if k != "slots"}
-        batch["counts"] = jnp.where(taken, batch["counts"], 0)
-        batch["up_bits"] = jnp.where(taken, batch["up_bits"], float(quant.FLOAT_BITS))
-        batch["rows"] = rows_of(batch["clients"])
-        trees, client_stats, w, flags, steps = train_chunk(batch)
-        w = w.astype(jnp.float32)
-        total = jax.tree.map(lambda t, x: t + jnp.tensordot(w, x, axes=1), total, trees)
-        health = health.at[jnp.where(taken, where, s)].set(flags, mode="drop")
-        return (
-            total,
-            stats + jnp.sum(client_stats, axis=0),
-            weight + jnp.sum(w),
-            health,
-            computed + steps,
-        ), None
-
-    start = (
-        jax.tree.map(jnp.zeros_like, like),
-        jnp.zeros((3,), jnp.float32),
-        jnp.zeros((), jnp.float32),
-        jnp.ones((s, 3), bool),
-        jnp.zeros((), jnp.int32),
-    )
-    total, stats, weight, health, computed = jax.lax.scan(chunk, start, slots)[0]
-    return total, stats, weight, health.T, computed
 
 
 def average_or_keep(totals, weight: jax.Array, old):

@@ -16,8 +16,8 @@ elementwise, so one optimizer over the whole model is SFL-V1's pair of them. Fed
 models (client part + its server copy) by samples. Without quantization (32-bit traffic, float
 matmuls) the training does not depend on the cuts: they change latency, energy and memory only.
 
-``jax.vmap`` over clients, ``train.chunk_size`` at once (0: all S), a masked step loop up to the
-chunk's largest ``tau_k``.
+The clients are independent, so they run on the round engine's lanes (``train.chunk_size``, the
+lanes schedule, mesh placement and host streaming) like SFLAM's.
 """
 
 from __future__ import annotations
@@ -34,17 +34,13 @@ from sflam_jax.algorithms.base import (
     Costs,
     Options,
     Protocol,
-    RoundState,
     SplitTraining,
-    average_or_keep,
-    fedavg_in_chunks,
-    finite_per_client,
     masked_cross_entropy,
     optimizer_slots,
 )
 from sflam_jax.allocation.cuts import CutWorkload
 from sflam_jax.allocation.planner import CUT_SOLVERS, CutPlanner
-from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
+from sflam_jax.data.batches import ClientRows, client_batch
 from sflam_jax.errors import ConfigError
 from sflam_jax.models import split as split_lib
 from sflam_jax.models.split import VariableCut
@@ -107,17 +103,15 @@ def candidates(cfg, depth: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class CutOptions(Options):
-    """ESFL's options: clients side by side, the devices' memory range, ``esfl_ao``'s rounds."""
+    """ESFL's options: the devices' memory range, ``esfl_ao``'s rounds."""
 
-    chunk_size: int
     memory_bytes: tuple[float, float]
     alternations: int
 
     @classmethod
     def from_config(cls, cfg) -> CutOptions:
         e = cfg.esfl
-        memory = (float(e.memory_min_bytes), float(e.memory_max_bytes))
-        return cls(cfg.train.chunk_size, memory, e.alternations)
+        return cls((float(e.memory_min_bytes), float(e.memory_max_bytes)), e.alternations)
 
 
 def build(cfg, model_cfg) -> VariableCut:
@@ -129,12 +123,13 @@ def build(cfg, model_cfg) -> VariableCut:
 
 @dataclasses.dataclass(frozen=True)
 class PerDeviceCuts(SplitTraining):
-    """ESFL local training (module docstring); fields as ``SplitTraining`` plus ``chunk_size``
-    (clients vmapped at once, 0: all). ``model`` is a ``VariableCut``; the plan's ``cuts`` (``[S]``
-    layers) say where each client's link sits (default: the model's ``cut_layer``)."""
+    """ESFL local training (module docstring); fields as ``SplitTraining``. ``model`` is a
+    ``VariableCut``; the plan's ``cuts`` (``[S]`` layers) say where each client's link sits
+    (default: the model's ``cut_layer``). Its clients are independent, so the engine trains them
+    side by side (lanes or chunks, on the mesh) and averages them; each client's carry holds the
+    whole model and one optimizer over it."""
 
-    chunk_size: int = 0
-    parallel = False
+    parallel = True
 
     def loss(self, params, images, labels, mask, up_bits, cut, key):
         """Masked mean loss of one batch through the whole model with the link at ``cut``."""
@@ -148,68 +143,43 @@ class PerDeviceCuts(SplitTraining):
         loss, total, correct = masked_cross_entropy(logits, labels, mask)
         return loss, (total, correct)
 
-    def train_client(self, params, rows: ClientRows, count, up_bits, cut, key):
-        """One client's round from the global model: ``tau_k`` masked steps. Returns
-        ``(params, stats [3])`` (summed loss, correct predictions, samples seen)."""
-        order_key, step_key = jax.random.split(key)
-        orders = epoch_orders(order_key, count, rows.labels.shape[0], self.local_epochs)
-
-        def step(t, carry):
-            params, opt, stats = carry
-            images, labels, mask = client_batch(rows, count, orders, t, self.batch_size)
-            (_, (total, correct)), grads = jax.value_and_grad(self.loss, has_aux=True)(
-                params, images, labels, mask, up_bits, cut, jax.random.fold_in(step_key, t)
-            )
-            updates, new_opt = self.optimizer.update(grads, opt, params)
-            active = jnp.any(mask)
-            new = (optax.apply_updates(params, updates), new_opt)
-            params, opt = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, (params, opt))
-            n = jnp.sum(mask.astype(jnp.float32))
-            return params, opt, stats + jnp.stack([total, correct, n])
-
-        steps = local_steps(count, self.batch_size, self.local_epochs)
-        carry = (params, self.optimizer.init(params), jnp.zeros((3,), jnp.float32))
-        params, _, stats = jax.lax.fori_loop(0, steps, step, carry)
-        return params, stats
-
-    def train_sequence(self, state: RoundState, plan: dict, rows_of):
-        """The S clients in chunks at their cuts and the FedAvg of the full models.
-
-        Returns ``(params_c, params_s, stats [3], health [3, S], computed steps)``.
-        """
-        model: VariableCut = self.model
-        whole = split_lib.merge_params(state.params_c, state.params_s)
-        s = plan["counts"].shape[0]
-        plan = {"cuts": jnp.full((s,), model.cut_layer, jnp.int32), **plan}
-        train = jax.vmap(self.train_client, in_axes=(None, 0, 0, 0, 0, 0))
-
-        def chunk(batch):
-            new, stats = train(
-                whole,
-                batch["rows"],
-                batch["counts"],
-                batch["up_bits"],
-                batch["cuts"],
-                batch["keys"],
-            )
-            params_c, params_s = jax.vmap(model.segments)(new)
-            flags = jnp.stack(
-                [
-                    jnp.isfinite(stats[:, 0]),
-                    finite_per_client(params_c),
-                    finite_per_client(params_s),
-                ],
-                axis=1,
-            )
-            counts = batch["counts"]
-            steps = jnp.max(local_steps(counts, self.batch_size, self.local_epochs))
-            return new, stats, counts, flags, steps * counts.shape[0]
-
-        total, stats, weight, health, computed = fedavg_in_chunks(
-            chunk, plan, rows_of, self.chunk_size, whole
+    def plan_row(self, plan: dict, positions):
+        """A client's uplink bits and cut (the model's ``cut_layer`` without a planner)."""
+        cuts = plan.get("cuts")
+        cut = (
+            jnp.full(positions.shape, self.model.cut_layer, jnp.int32)
+            if cuts is None
+            else cuts[positions].astype(jnp.int32)
         )
-        params_c, params_s = model.segments(average_or_keep(total, weight, whole))
-        return params_c, params_s, stats, health, computed
+        return plan["up_bits"][positions], cut
+
+    def empty_row(self):
+        return jnp.float32(quant.FLOAT_BITS), jnp.int32(self.model.cut_layer)
+
+    def start_carry(self, params_c, params_s):
+        """The whole model, one optimizer state over it, ``[3]`` stats."""
+        whole = split_lib.merge_params(params_c, params_s)
+        return whole, self.optimizer.init(whole), jnp.zeros((3,), jnp.float32)
+
+    def client_result(self, carry):
+        params_c, params_s = self.model.segments(carry[0])
+        return params_c, params_s, carry[2]
+
+    def client_step(self, carry, rows: ClientRows, count, orders, entry, key, step):
+        """One local step at the client's cut (``entry``: its bits and cut); a step with no
+        samples is a no-op."""
+        up_bits, cut = entry
+        params, opt, stats = carry
+        images, labels, mask = client_batch(rows, count, orders, step, self.batch_size)
+        (_, (total, correct)), grads = jax.value_and_grad(self.loss, has_aux=True)(
+            params, images, labels, mask, up_bits, cut, jax.random.fold_in(key, step)
+        )
+        updates, new_opt = self.optimizer.update(grads, opt, params)
+        active = jnp.any(mask)
+        new = (optax.apply_updates(params, updates), new_opt)
+        params, opt = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, (params, opt))
+        n = jnp.sum(mask.astype(jnp.float32))
+        return params, opt, stats + jnp.stack([total, correct, n])
 
 
 def cut_workload(model: VariableCut, params_c, params_s, base: Workload, cfg) -> CutWorkload:

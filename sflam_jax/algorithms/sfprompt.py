@@ -3,7 +3,8 @@
 The device holds the embedding, soft prompts and the first blocks (the front) and the last
 blocks with the classifier (the tail); the server holds the frozen body, one copy for every
 client (``models.ushape``). Only the prompts and the tail train. One round, for each sampled
-client, side by side under ``jax.vmap`` (``train.chunk_size`` clients at once, 0 = all S):
+client, side by side on the round engine's lanes (``train.chunk_size``; mesh placement and host
+streaming as for SFLAM):
 
 1. pruning: every local sample is scored by EL2N, ``||softmax(tail(front(x))) - onehot(y)||_2``
    with the body skipped, and the hardest ``floor(keep n_k)`` are kept (``sfprompt.keep``; the
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +41,11 @@ from sflam_jax.algorithms.base import (
     Costs,
     Options,
     Protocol,
-    RoundState,
     SplitTraining,
-    average_or_keep,
-    fedavg_in_chunks,
-    finite_per_client,
     masked_cross_entropy,
 )
 from sflam_jax.allocation import IN_GRAPH
-from sflam_jax.data.batches import client_batch, epoch_orders, local_steps
+from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
 from sflam_jax.errors import ConfigError
 from sflam_jax.models.ushape import PROMPTS, UShape
 from sflam_jax.quant import FLOAT_BITS, payload_bits
@@ -101,17 +99,16 @@ def check_depth(cfg, depth: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PromptOptions(Options):
-    """SFPrompt's options: pruning, the local-loss phase, clients side by side."""
+    """SFPrompt's options: pruning and the local-loss phase."""
 
     keep: float
     local_loss_epochs: int
     prune_first_round: bool
-    chunk_size: int
 
     @classmethod
     def from_config(cls, cfg) -> PromptOptions:
         p = cfg.sfprompt
-        return cls(float(p.keep), p.local_epochs, p.prune_first_round, cfg.train.chunk_size)
+        return cls(float(p.keep), p.local_epochs, p.prune_first_round)
 
 
 def build(cfg, model_cfg) -> UShape:
@@ -136,35 +133,47 @@ def hardest_first(scores: jax.Array, count: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class PromptTuning(SplitTraining):
-    """SFPrompt's round (module docstring); ``model`` is a ``models.ushape.UShape``.
+    """SFPrompt's round (module docstring); ``model`` is a ``models.ushape.UShape``. Its
+    clients are independent, so the engine trains them side by side (lanes or chunks, on the
+    mesh) and averages the prompts and the tail (``averaged``) by kept samples. A client's start
+    (``client_start``) does its pruning and its local-loss phase; its steps are the split
+    phase's.
 
     Attributes (besides ``SplitTraining``'s; ``local_epochs`` are the split phase's):
       keep: EL2N keep fraction.
       local_loss_epochs: epochs of the local-loss phase.
       prune_first_round: prune in the first round too.
-      chunk_size: clients vmapped at once (0: all S).
+      shared: ``(params_c, params_s)`` of the round's global model (``for_round``): the frozen
+        front and body every client reads, held once instead of in every lane.
+      first_round: whether this is the run's first round (``for_round``).
     """
 
     keep: float = 0.5
     local_loss_epochs: int = 1
     prune_first_round: bool = False
-    chunk_size: int = 0
-    parallel = False
+    shared: Any = None
+    first_round: Any = False
+    parallel = True
 
-    def kept(self, counts: jax.Array, first_round) -> jax.Array:
+    def for_round(self, state) -> PromptTuning:
+        return dataclasses.replace(
+            self, shared=(state.params_c, state.params_s), first_round=state.round == 0
+        )
+
+    def kept(self, counts: jax.Array, first_round=None) -> jax.Array:
         """Samples a client trains on: ``floor(keep n_k)``, or all in an unpruned first round."""
+        first_round = self.first_round if first_round is None else first_round
         pruned = jnp.floor(self.keep * counts.astype(jnp.float32) + 1e-6).astype(jnp.int32)
         if self.prune_first_round:
             return pruned
         return jnp.where(first_round, counts, pruned)
 
-    def scores(self, params_c, rows, count) -> jax.Array:
-        """EL2N of one client's ``[L]`` rows (padding rows: -inf), a batch at a time."""
-        width, b = rows.labels.shape[0], self.batch_size
+    def scores(self, params_c, rows, count, width: int) -> jax.Array:
+        """EL2N of one client's ``[width]`` rows (padding rows: -inf), a batch at a time."""
+        b = self.batch_size
 
         def batch(start):
-            images = jax.lax.dynamic_slice_in_dim(rows.images, start, b)
-            labels = jax.lax.dynamic_slice_in_dim(rows.labels, start, b)
+            images, labels = rows.take(start + jnp.arange(b))
             return el2n(self.model.local_logits(params_c, self.preprocess(images)), labels)
 
         scores = jax.lax.map(batch, jnp.arange(0, width, b)).reshape(-1)
@@ -192,98 +201,89 @@ class PromptTuning(SplitTraining):
         loss, total, correct = masked_cross_entropy(logits, labels, mask)
         return loss, (total, correct)
 
-    def _phase(self, loss_fn, carry, rows, count, orders, up_bits, key, steps, record: bool):
-        """``steps`` optimizer steps of ``loss_fn`` over the batches of ``orders``."""
+    def _step(self, loss_fn, carry, rows, count, orders, up_bits, key, t, record: bool):
+        """One optimizer step of ``loss_fn`` on batch ``t`` of ``orders``; no-op without
+        samples."""
+        trainable, opt, stats = carry
+        images, labels, mask = client_batch(rows, count, orders, t, self.batch_size)
+        (_, (total, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, images, labels, mask, up_bits, jax.random.fold_in(key, t)
+        )
+        updates, new_opt = self.optimizer.update(grads, opt, trainable)
+        active = jnp.any(mask)
+        new = (optax.apply_updates(trainable, updates), new_opt)
+        trainable, opt = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, (trainable, opt))
+        if record:
+            n = jnp.sum(mask.astype(jnp.float32))
+            stats = stats + jnp.stack([total, correct, n])
+        return trainable, opt, stats
 
-        def step(t, carry):
-            trainable, opt, stats = carry
-            images, labels, mask = client_batch(rows, count, orders, t, self.batch_size)
-            (_, (total, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                trainable, images, labels, mask, up_bits, jax.random.fold_in(key, t)
-            )
-            updates, new_opt = self.optimizer.update(grads, opt, trainable)
-            active = jnp.any(mask)
-            new = (optax.apply_updates(trainable, updates), new_opt)
-            trainable, opt = jax.tree.map(
-                lambda n, o: jnp.where(active, n, o), new, (trainable, opt)
-            )
-            if record:
-                n = jnp.sum(mask.astype(jnp.float32))
-                stats = stats + jnp.stack([total, correct, n])
-            return trainable, opt, stats
+    def _frozen(self):
+        params_c, params_s = self.shared
+        return self.model.pick(params_c, self.model.frozen_keys), params_s
 
-        return jax.lax.fori_loop(0, steps, step, carry)
+    def start_carry(self, params_c, params_s):
+        """The prompts and tail, a fresh optimizer state over them, ``[3]`` stats."""
+        del params_s
+        trainable = self.model.pick(params_c, self.model.trainable_keys)
+        return trainable, self.optimizer.init(trainable), jnp.zeros((3,), jnp.float32)
 
-    def train_client(self, trainable, frozen, body, rows, count, up_bits, key, first_round):
-        """One client's round from the global ``trainable`` tree.
-
-        Returns ``(trainable, stats [3] of the split phase, kept samples)``.
-        """
-        width = rows.labels.shape[0]
+    def client_start(self, params_c, params_s, count, key, width: int, rows=None, entry=None):
+        """Pruning (EL2N of every sample, the hardest ``kept`` first) and the local-loss phase;
+        returns ``(carry, split-phase orders [E, width] over the kept samples, step key)``."""
+        frozen, _ = self._frozen()
         k_local, k_split, k_local_steps, k_split_steps = jax.random.split(key, 4)
-        kept = self.kept(count, first_round)
-        order = hardest_first(self.scores({**frozen, **trainable}, rows, count), count)
-        opt = self.optimizer.init(trainable)
-        stats = jnp.zeros((3,), jnp.float32)
+        kept = self.kept(count)
+        carry = self.start_carry(params_c, params_s)
+        order = hardest_first(self.scores({**frozen, **carry[0]}, rows, count, width), count)
+        if self.local_loss_epochs:
 
-        def local(tr, *batch):
-            return self.local_loss(tr, frozen, *batch)
+            def local(tr, *batch):
+                return self.local_loss(tr, frozen, *batch)
+
+            orders = order[epoch_orders(k_local, kept, width, self.local_loss_epochs)]
+            steps = local_steps(kept, self.batch_size, self.local_loss_epochs)
+            carry = jax.lax.fori_loop(
+                0,
+                steps,
+                lambda t, c: self._step(
+                    local, c, rows, kept, orders, entry, k_local_steps, t, False
+                ),
+                carry,
+            )
+        orders = order[epoch_orders(k_split, kept, width, self.local_epochs)]
+        return carry, orders, k_split_steps
+
+    def client_step(self, carry, rows: ClientRows, count, orders, entry, key, step):
+        """One split-phase step on the kept samples (``entry``: the uplink bits)."""
+        frozen, body = self._frozen()
 
         def split(tr, *batch):
             return self.split_loss(tr, frozen, body, *batch)
 
-        carry = (trainable, opt, stats)
-        for loss_fn, epochs, k_order, k_steps, record in (
-            (local, self.local_loss_epochs, k_local, k_local_steps, False),
-            (split, self.local_epochs, k_split, k_split_steps, True),
-        ):
-            if epochs:
-                orders = order[epoch_orders(k_order, kept, width, epochs)]
-                steps = local_steps(kept, self.batch_size, epochs)
-                carry = self._phase(
-                    loss_fn, carry, rows, kept, orders, up_bits, k_steps, steps, record
-                )
-        return carry[0], carry[2], kept
+        return self._step(split, carry, rows, self.kept(count), orders, entry, key, step, True)
 
-    def train_sequence(self, state: RoundState, plan: dict, rows_of):
-        """The round of the S clients in chunks and the FedAvg of prompts and tail.
+    def client_result(self, carry):
+        """The trained prompts and tail (the averaged part); nothing of the server."""
+        return carry[0], {}, carry[2]
 
-        Returns ``(params_c, params_s, stats [3], health [3, S], computed split steps)``; the
-        server segment is the state's own.
-        """
-        model: UShape = self.model
-        trainable = model.pick(state.params_c, model.trainable_keys)
-        frozen = model.pick(state.params_c, model.frozen_keys)
-        first_round = state.round == 0
-        train = jax.vmap(self.train_client, in_axes=(None, None, None, 0, 0, 0, 0, None))
+    def averaged(self, params_c, params_s):
+        del params_s
+        return self.model.pick(params_c, self.model.trainable_keys), {}
 
-        def chunk(batch):
-            new, client_stats, kept = train(
-                trainable,
-                frozen,
-                state.params_s,
-                batch["rows"],
-                batch["counts"],
-                batch["up_bits"],
-                batch["keys"],
-                first_round,
-            )
-            flags = jnp.stack(
-                [
-                    jnp.isfinite(client_stats[:, 0]),
-                    finite_per_client(new),
-                    jnp.ones(kept.shape, bool),  # the body is never updated
-                ],
-                axis=1,
-            )
-            steps = jnp.max(local_steps(kept, self.batch_size, self.local_epochs)) * kept.shape[0]
-            return new, client_stats, kept, flags, steps
+    def with_averaged(self, params_c, params_s, avg_c, avg_s):
+        del avg_s
+        return {**params_c, **avg_c}, params_s
 
-        total, stats, weight, health, computed = fedavg_in_chunks(
-            chunk, plan, rows_of, self.chunk_size, trainable
-        )
-        params_c = {**state.params_c, **average_or_keep(total, weight, trainable)}
-        return params_c, state.params_s, stats, health, computed
+    def client_steps(self, counts, entries):
+        """Split-phase steps on the kept samples (the local-loss phase runs in the start)."""
+        del entries
+        return local_steps(self.kept(counts), self.batch_size, self.local_epochs)
+
+    def client_weight(self, counts, entries):
+        """FedAvg by kept samples."""
+        del entries
+        return self.kept(counts)
 
 
 # -- costs ----------------------------------------------------------------------------------
