@@ -29,10 +29,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sflam_jax import quant
 from sflam_jax.allocation.search import bisect
 from sflam_jax.wireless.channel import Devices, SystemParams, rate_bps
-from sflam_jax.wireless.costs import Workload
+from sflam_jax.wireless.costs import Workload, round_loads
 
 
 @flax.struct.dataclass
@@ -140,24 +139,34 @@ def per_cut_times(problem: CutProblem, power_w, bandwidth_hz, bits, dtype=jnp.fl
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
     p, t = problem.params, problem.table
     dev = problem.devices
-    b = float(problem.batch_size)
-    steps = cast(problem.steps)[:, None]
-    f = cast(dev.cpu_hz)[:, None]
+    column = lambda x: cast(x)[:, None]  # noqa: E731
+    row = lambda x: cast(x)[None, :]  # noqa: E731
+    # SFL-V1's round formula (``wireless.costs.round_loads``), devices down, cuts across.
+    loads = round_loads(
+        Devices(column(dev.distance_m), column(dev.gain), column(dev.cpu_hz)),
+        column(problem.steps),
+        column(bits),
+        Workload(
+            client_flops=row(t.client_flops),
+            server_flops=row(t.server_flops),
+            values_per_sample=row(t.values),
+            client_params=row(t.client_params),
+            batch_size=float(problem.batch_size),
+        ),
+        p,
+        problem.down_bits,
+        dtype=dtype,
+    )
     n0 = p.noise_w_per_hz
     r_up = rate_bps(cast(bandwidth_hz), cast(power_w), cast(dev.gain), n0)[:, None]
     r_dn = rate_bps(cast(bandwidth_hz), p.server_power_w, cast(dev.gain), n0)[:, None]
-    values = cast(t.values)[None, :]
-    up = steps * b * quant.payload_bits(cast(bits)[:, None], values)
-    down = steps * b * quant.payload_bits(problem.down_bits, values)
-    agg = float(quant.FLOAT_BITS) * cast(t.client_params)[None, :]
-    cycles = steps * 3.0 * b * cast(t.client_flops)[None, :] / p.flops_per_cycle
-    compute_s = cycles / f
-    comm_s = (up + agg) / r_up + (down + agg) / r_dn
-    compute_j = p.kappa * f**2 * cycles
-    comm_j = cast(power_w)[:, None] * (up + agg) / r_up
+    compute_s = loads["device_s"]
+    comm_s = loads["up_bits"] / r_up + loads["down_bits"] / r_dn
+    compute_j = loads["compute_j"]
+    comm_j = cast(power_w)[:, None] * loads["up_bits"] / r_up
     return {
         "device_s": compute_s + comm_s,
-        "server_work": steps * 3.0 * b * cast(t.server_flops)[None, :],
+        "server_work": loads["server_flops"],
         "compute_s": compute_s,
         "comm_s": comm_s,
         "energy_j": compute_j + comm_j,

@@ -49,7 +49,8 @@ def step_terms(
     """The per-step and per-round terms of SPEC section 3, the one place they are written.
 
     Args:
-      devices: the S devices (``[S]`` arrays).
+      devices: the S devices (``[..., S]`` arrays; or ``[S, 1]`` against a workload of ``[1, L]``
+        per-cut FLOPs and sizes, where ``t_srv`` then needs ``server_copies``).
       up_bits: ``[S]`` cut-layer bits b_k (32 = float32).
       workload: FLOPs and sizes of the split model.
       params: the system constants.
@@ -58,9 +59,9 @@ def step_terms(
 
     Returns:
       ``t_cf`` (device forward, s), ``t_cb`` (device backward, s), ``t_srv`` (server forward and
-      backward, s), ``cycles_fwd`` (device cycles of a forward, ``B F_c / phi``),
-      ``up_step_bits`` (``B P(b)``), ``down_step_bits`` (``B P(g_bits)``) per local step, and
-      ``agg_bits`` (``32 |w_c|``, each way once per round).
+      backward, s), ``server_step_flops`` (``3 B F_s``), ``cycles_fwd`` (device cycles of a
+      forward, ``B F_c / phi``), ``up_step_bits`` (``B P(b)``), ``down_step_bits``
+      (``B P(g_bits)``) per local step, and ``agg_bits`` (``32 |w_c|``, each way once per round).
     """
     s = devices.gain.shape[-1] if server_copies is None else server_copies
     b = workload.batch_size
@@ -70,6 +71,7 @@ def step_terms(
         "t_cf": t_cf,
         "t_cb": 2.0 * t_cf,
         "t_srv": 3.0 * b * workload.server_flops * s / params.server_flops,
+        "server_step_flops": 3.0 * b * workload.server_flops,
         "cycles_fwd": cycles_fwd,
         "up_step_bits": b * payload_bits(up_bits, workload.values_per_sample),
         "down_step_bits": b * payload_bits(down_bits, workload.values_per_sample),
@@ -90,18 +92,27 @@ def round_loads(
     workload: Workload,
     params: SystemParams,
     down_bits: jax.Array | int = FLOAT_BITS,
+    server_copies: int | None = None,
+    dtype=jnp.float32,
 ) -> dict[str, jax.Array]:
-    """An SFL-V1 round's channel-independent loads per device (``[S]`` each): ``compute_s``
-    ``A_k = tau_k (t_cf + t_cb + t_srv)``, ``compute_j`` ``C_k = tau_k E_cmp``, ``up_bits``
-    ``D_k = tau_k B P(b_k) + 32 |w_c|`` and ``down_bits`` ``H_k = tau_k B P(g_bits) + 32 |w_c|``;
-    the round takes ``T_k = A_k + D_k / r_up + H_k / r_dn`` and ``E_k = C_k + p_k D_k / r_up``."""
-    t = step_terms(devices, up_bits, workload, params, down_bits)
-    steps = jnp.asarray(steps, jnp.float32)
+    """An SFL-V1 round's channel-independent loads per device, the one round formula that the
+    cost reports (``loads_costs``), the allocation problem and ESFL's per-cut table
+    (``allocation.cuts``) share: ``compute_s`` ``A_k = tau_k (t_cf + t_cb + t_srv)``,
+    ``compute_j`` ``C_k = tau_k E_cmp``, ``up_bits`` ``D_k = tau_k B P(b_k) + 32 |w_c|`` and
+    ``down_bits`` ``H_k = tau_k B P(g_bits) + 32 |w_c|``; the round takes ``T_k = A_k + D_k / r_up +
+    H_k / r_dn`` and ``E_k = C_k + p_k D_k / r_up``. Also ``device_s`` (``tau_k (t_cf + t_cb)``,
+    the device's part of ``A_k``) and ``server_flops`` (``tau_k 3 B F_s``, the server's work for
+    the device, for a protocol that chooses the server's shares). ``steps`` are cast to
+    ``dtype``."""
+    t = step_terms(devices, up_bits, workload, params, down_bits, server_copies)
+    steps = jnp.asarray(steps, dtype)
     return {
         "compute_s": steps * (t["t_cf"] + t["t_cb"] + t["t_srv"]),
         "compute_j": compute_energy_j(steps, t, devices, params),
         "up_bits": steps * t["up_step_bits"] + t["agg_bits"],
         "down_bits": steps * t["down_step_bits"] + t["agg_bits"],
+        "device_s": steps * (t["t_cf"] + t["t_cb"]),
+        "server_flops": steps * t["server_step_flops"],
     }
 
 
@@ -122,7 +133,8 @@ def sflam_round_costs(
     ``t_srv = 3 B F_s S / F_server``, ``t_dn = B P(g_bits) / r_dn``; per round
     ``T_k = tau_k (t_cf + t_up + t_srv + t_dn + t_cb) + t_agg_up + t_agg_dn`` with
     ``32 |w_c|`` bits each way for aggregation, and
-    ``E_k = tau_k (kappa f^2 3 B F_c / phi + p t_up) + p t_agg_up`` (terms from ``step_terms``).
+    ``E_k = tau_k (kappa f^2 3 B F_c / phi + p t_up) + p t_agg_up``: ``loads_costs`` of
+    ``round_loads`` (terms from ``step_terms``).
 
     Args:
       devices: the S devices (``[S]`` arrays).
@@ -140,20 +152,8 @@ def sflam_round_costs(
       ``comm_energy_j`` (each ``[S]``), ``round_latency_s`` (max over devices) and
       ``round_energy_j`` (sum over devices).
     """
-    n0 = params.noise_w_per_hz
-    t = step_terms(devices, up_bits, workload, params, down_bits, server_copies)
-    steps = jnp.asarray(steps, jnp.float32)
-    r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
-    r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
-    t_up = t["up_step_bits"] / r_up
-    t_dn = t["down_step_bits"] / r_dn
-    t_agg_up, t_agg_dn = t["agg_bits"] / r_up, t["agg_bits"] / r_dn
-
-    compute_s = steps * (t["t_cf"] + t["t_cb"] + t["t_srv"])
-    comm_s = steps * (t_up + t_dn) + t_agg_up + t_agg_dn
-    compute_energy = compute_energy_j(steps, t, devices, params)
-    comm_energy = power_w * (steps * t_up + t_agg_up)
-    return _totals(compute_s, comm_s, compute_energy, comm_energy)
+    loads = round_loads(devices, steps, up_bits, workload, params, down_bits, server_copies)
+    return loads_costs(loads, devices, power_w, bandwidth_hz, params)
 
 
 def loads_costs(
