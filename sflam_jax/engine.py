@@ -47,7 +47,7 @@ from sflam_jax.algorithms.base import (
     HEALTH_PARTS,
     RoundState,
     average_or_keep,
-    finite_per_client,
+    health_flags,
     sample_clients,
     weighted_sum,
 )
@@ -254,12 +254,7 @@ class Engine:
         w = weights.astype(jnp.float32)
         acc_c = jax.tree.map(jnp.add, acc_c, weighted_sum(avg_c, w))
         acc_s = jax.tree.map(jnp.add, acc_s, weighted_sum(avg_s, w))
-        c = stats.shape[0]
-        flags = jnp.stack(
-            [jnp.isfinite(stats[:, 0]), finite_per_client(avg_c, c), finite_per_client(avg_s, c)],
-            axis=1,
-        )
-        health = health.at[positions].set(flags, mode="drop")
+        health = health.at[positions].set(health_flags(stats, avg_c, avg_s), mode="drop")
         stats = acc_stats + jnp.sum(jnp.where(w[:, None] > 0, stats, 0.0), axis=0)
         return (acc_c, acc_s, stats, acc_w + jnp.sum(w), health, computed)
 

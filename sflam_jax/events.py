@@ -37,7 +37,7 @@ import numpy as np
 
 from sflam_jax import streams
 from sflam_jax.algorithms import sparse
-from sflam_jax.algorithms.base import HEALTH, average_or_keep, finite_per_client, weighted_sum
+from sflam_jax.algorithms.base import HEALTH, average_or_keep, health_flags, weighted_sum
 from sflam_jax.data.batches import ClientData, gather_rows, local_steps
 from sflam_jax.models import split as split_lib
 from sflam_jax.wireless.channel import SystemParams, draw_devices
@@ -380,13 +380,7 @@ class EventEngine:
             sim_bytes=moved,
             flight=f.replace(busy=f.busy.at[slots].set(False)),
         )
-        health = jnp.stack(
-            [
-                jnp.isfinite(f.stats[slots, 0]),
-                finite_per_client(deltas),
-                jnp.ones((self.buffer_size,), bool),
-            ]
-        )
+        health = health_flags(f.stats[slots], deltas).T
         metrics = {
             "train_loss": stats[0] / stats[2],
             "train_accuracy": stats[1] / stats[2],

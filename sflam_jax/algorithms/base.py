@@ -435,19 +435,28 @@ class SplitTraining:
         (_, (total, correct)), (g_c, g_s) = grad_fn(
             params_c, params_s, images, labels, mask, up_bits, jax.random.fold_in(key, step)
         )
-        upd_c, new_opt_c = self.optimizer.update(g_c, opt_c, params_c)
-        upd_s, new_opt_s = self.optimizer.update(g_s, opt_s, params_s)
-        active = jnp.any(mask)
-        new = (
-            optax.apply_updates(params_c, upd_c),
-            optax.apply_updates(params_s, upd_s),
-            new_opt_c,
-            new_opt_s,
-        )
-        old = (params_c, params_s, opt_c, opt_s)
-        kept = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
-        n = jnp.sum(mask.astype(jnp.float32))
-        return (*kept, stats + jnp.stack([total, correct, n]))
+        params_c, opt_c = masked_update(self.optimizer, params_c, opt_c, g_c, mask)
+        params_s, opt_s = masked_update(self.optimizer, params_s, opt_s, g_s, mask)
+        return params_c, params_s, opt_c, opt_s, stats + batch_stats(total, correct, mask)
+
+
+def keep_if(condition, new, old):
+    """``new`` where ``condition`` holds, else ``old``, leaf by leaf (same structure)."""
+    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
+def masked_update(optimizer: optax.GradientTransformation, params, opt_state, grads, mask):
+    """The masked local step every protocol's clients take: one optimizer step on ``params``,
+    or none (both returned unchanged) when the batch's ``mask`` holds no sample (a client past
+    its ``tau_k`` in a padded loop). Returns ``(params, opt_state)``."""
+    updates, new_opt = optimizer.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt)
+    return keep_if(jnp.any(mask), new, (params, opt_state))
+
+
+def batch_stats(total, correct, mask) -> jax.Array:
+    """``[3]`` summed loss, correct predictions and samples of a masked batch."""
+    return jnp.stack([total, correct, jnp.sum(mask.astype(jnp.float32))])
 
 
 def masked_cross_entropy(
@@ -476,6 +485,19 @@ HEALTH = "health"
 # words; an engine may name its own, ``engine.Engine.health_parts``).
 HEALTH_PARTS = ("loss", "client segment", "server copy")
 HEALTH_ADVICE = "Lower optimizer.learning_rate or raise the quantization bits"
+
+
+def health_flags(stats: jax.Array, first, second=None) -> jax.Array:
+    """``[C, 3]`` finite flags of C trained clients, the one health check of every engine
+    (``check_health`` reads them): finite loss (``stats [C, 3]``'s first column), finite
+    ``first`` and finite ``second`` (``[C, ...]`` trees: a client's two segments, or its update
+    and nothing; a tree without leaves, or None, is finite)."""
+    c = stats.shape[0]
+    second = {} if second is None else second
+    return jnp.stack(
+        [jnp.isfinite(stats[:, 0]), finite_per_client(first, c), finite_per_client(second, c)],
+        axis=1,
+    )
 
 
 def finite_per_client(trees, clients: int | None = None) -> jax.Array:

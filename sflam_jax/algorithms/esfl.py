@@ -27,15 +27,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
-from sflam_jax import quant
+from sflam_jax import fields, quant
 from sflam_jax.algorithms.base import (
     Costs,
     Options,
     Protocol,
     SplitTraining,
+    batch_stats,
     masked_cross_entropy,
+    masked_update,
     optimizer_slots,
 )
 from sflam_jax.allocation.cuts import CutWorkload
@@ -58,18 +59,11 @@ def config_block() -> ml_collections.ConfigDict:
 
 
 def validate(cfg) -> None:
-    e = cfg.esfl
-    low, high = e.memory_min_bytes, e.memory_max_bytes
-    for field, value in (("memory_min_bytes", low), ("memory_max_bytes", high)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ConfigError(f"esfl.{field}={value!r} is invalid: must be a number of bytes > 0")
+    low = fields.positive(cfg, "esfl.memory_min_bytes")
+    high = fields.positive(cfg, "esfl.memory_max_bytes")
     if low > high:
-        raise ConfigError(
-            f"esfl.memory_min_bytes={low!r} is invalid: must be <= esfl.memory_max_bytes={high!r}"
-        )
-    rounds = e.alternations
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"esfl.alternations={rounds!r} is invalid: must be an integer >= 1")
+        fields.fail("esfl.memory_min_bytes", low, f"must be <= esfl.memory_max_bytes={high!r}")
+    fields.integer(cfg, "esfl.alternations", 1)
     if not cfg.model.pretrained:
         from sflam_jax.models.vit import PRESETS
 
@@ -174,12 +168,8 @@ class PerDeviceCuts(SplitTraining):
         (_, (total, correct)), grads = jax.value_and_grad(self.loss, has_aux=True)(
             params, images, labels, mask, up_bits, cut, jax.random.fold_in(key, step)
         )
-        updates, new_opt = self.optimizer.update(grads, opt, params)
-        active = jnp.any(mask)
-        new = (optax.apply_updates(params, updates), new_opt)
-        params, opt = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, (params, opt))
-        n = jnp.sum(mask.astype(jnp.float32))
-        return params, opt, stats + jnp.stack([total, correct, n])
+        params, opt = masked_update(self.optimizer, params, opt, grads, mask)
+        return params, opt, stats + batch_stats(total, correct, mask)
 
 
 def cut_workload(model: VariableCut, params_c, params_s, base: Workload, cfg) -> CutWorkload:

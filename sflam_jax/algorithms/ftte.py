@@ -29,11 +29,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sflam_jax import events, streams
+from sflam_jax import events, fields, streams
 from sflam_jax.algorithms import sparse
-from sflam_jax.algorithms.base import Costs, EngineInputs, Protocol, make_optimizer
+from sflam_jax.algorithms.base import (
+    Costs,
+    EngineInputs,
+    Protocol,
+    batch_stats,
+    keep_if,
+    make_optimizer,
+)
 from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
-from sflam_jax.errors import ConfigError
 from sflam_jax.wireless.channel import SystemParams
 
 # The values of ``ftte.staleness``.
@@ -64,65 +70,40 @@ def config_block() -> ml_collections.ConfigDict:
     return c
 
 
-def _number(cfg, field: str, lo: float, hi: float | None = None, open_lo: bool = False):
-    value = cfg.ftte[field]
-    ok = not isinstance(value, bool) and isinstance(value, int | float)
-    if ok:
-        ok = (value > lo if open_lo else value >= lo) and (hi is None or value <= hi)
-    if not ok:
-        low = f"({lo}" if open_lo else f"[{lo}"
-        raise ConfigError(
-            f"ftte.{field}={value!r} is invalid: must be a number in {low}, "
-            f"{'inf)' if hi is None else f'{hi}]'}"
-        )
-    return value
-
-
-def _int(cfg, field: str, lo: int):
-    value = cfg.ftte[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"ftte.{field}={value!r} is invalid: must be an integer >= {lo}")
-    return value
-
-
 def validate(cfg) -> None:
-    f = cfg.ftte
-    c = _int(cfg, "concurrency", 1)
+    c = fields.integer(cfg, "ftte.concurrency", 1)
     if c > cfg.data.num_clients:
-        raise ConfigError(
-            f"ftte.concurrency={c!r} is invalid: must be <= data.num_clients="
-            f"{cfg.data.num_clients} (each busy client is a different device)"
+        fields.fail(
+            "ftte.concurrency",
+            c,
+            f"must be <= data.num_clients={cfg.data.num_clients} (each busy client is a "
+            "different device)",
         )
-    k = _int(cfg, "buffer_size", 1)
+    k = fields.integer(cfg, "ftte.buffer_size", 1)
     if k > c:
-        raise ConfigError(
-            f"ftte.buffer_size={k!r} is invalid: must be <= ftte.concurrency={c} (the server "
-            "waits for K arrivals with C clients busy)"
+        fields.fail(
+            "ftte.buffer_size",
+            k,
+            f"must be <= ftte.concurrency={c} (the server waits for K arrivals with C clients "
+            "busy)",
         )
-    if f.staleness not in STALENESS:
-        raise ConfigError(
-            f"ftte.staleness={f.staleness!r} is invalid: allowed: {', '.join(map(repr, STALENESS))}"
-        )
-    _number(cfg, "staleness_exponent", 0.0)
-    if not isinstance(f.variance_weight, bool):
-        raise ConfigError(f"ftte.variance_weight={f.variance_weight!r} is invalid: must be a bool")
-    _number(cfg, "server_lr", 0.0, open_lo=True)
-    if f.selection not in sparse.SELECTIONS:
-        allowed = ", ".join(map(repr, sparse.SELECTIONS))
-        raise ConfigError(f"ftte.selection={f.selection!r} is invalid: allowed: {allowed}")
-    _number(cfg, "memory_budget_bytes", 0.0)
-    low = _number(cfg, "device_memory_min_bytes", 0.0, open_lo=True)
-    high = _number(cfg, "device_memory_max_bytes", 0.0, open_lo=True)
+    fields.choice(cfg, "ftte.staleness", STALENESS)
+    fields.number(cfg, "ftte.staleness_exponent", 0.0)
+    fields.boolean(cfg, "ftte.variance_weight")
+    fields.positive(cfg, "ftte.server_lr")
+    fields.choice(cfg, "ftte.selection", sparse.SELECTIONS)
+    fields.number(cfg, "ftte.memory_budget_bytes", 0.0)
+    low = fields.positive(cfg, "ftte.device_memory_min_bytes")
+    high = fields.positive(cfg, "ftte.device_memory_max_bytes")
     if low > high:
-        raise ConfigError(
-            f"ftte.device_memory_min_bytes={low!r} is invalid: must be <= "
-            f"ftte.device_memory_max_bytes={high!r}"
+        fields.fail(
+            "ftte.device_memory_min_bytes", low, f"must be <= ftte.device_memory_max_bytes={high!r}"
         )
-    _int(cfg, "proxy_samples", 1)
-    _int(cfg, "proxy_steps", 1)
-    _number(cfg, "straggler_fraction", 0.0, 1.0)
-    _number(cfg, "straggler_slowdown", 1.0)
-    _number(cfg, "stop_sim_seconds", 0.0)
+    fields.integer(cfg, "ftte.proxy_samples", 1)
+    fields.integer(cfg, "ftte.proxy_steps", 1)
+    fields.number(cfg, "ftte.straggler_fraction", 0.0, 1.0)
+    fields.number(cfg, "ftte.straggler_slowdown", 1.0)
+    fields.number(cfg, "ftte.stop_sim_seconds", 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,15 +146,14 @@ class SparseClients:
                 train, opt, frozen, images, labels, mask, jax.random.fold_in(step_key, t)
             )
             active = jnp.any(mask)
-            keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)  # noqa: E731
             w = active.astype(jnp.float32)
             g_sum = jax.tree.map(lambda s, g: s + w * g, g_sum, grads)
             sq = sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))
-            seen = jnp.sum(mask.astype(jnp.float32))
+            train, opt = keep_if(active, (new, new_opt), (train, opt))
             return (
-                keep(new, train),
-                keep(new_opt, opt),
-                stats + jnp.stack([total, correct, seen]),
+                train,
+                opt,
+                stats + batch_stats(total, correct, mask),
                 g_sum,
                 g_sq + w * sq,
                 n + w,

@@ -33,18 +33,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sflam_jax import fields
 from sflam_jax.algorithms.base import (
     Costs,
     Options,
     Protocol,
     RoundState,
     average_or_keep,
-    finite_per_client,
+    health_flags,
 )
 from sflam_jax.algorithms.sfl_v2 import SharedServer
 from sflam_jax.allocation.planner import PLAN_ENTRIES
 from sflam_jax.data.batches import local_steps
-from sflam_jax.errors import ConfigError
 from sflam_jax.quant import FLOAT_BITS
 from sflam_jax.wireless.costs import grouped_totals, sflam_round_costs
 
@@ -59,21 +59,15 @@ def config_block() -> ml_collections.ConfigDict:
 
 
 def validate(cfg) -> None:
-    groups, s = cfg.gsfl.groups, cfg.train.clients_per_round
-    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= s:
-        raise ConfigError(
-            f"gsfl.groups={groups!r} is invalid: must be an integer in [1, "
-            f"train.clients_per_round={s}]"
-        )
-    if cfg.gsfl.grouping not in GROUPINGS:
-        raise ConfigError(
-            f"gsfl.grouping={cfg.gsfl.grouping!r} is invalid: allowed: "
-            f"{', '.join(map(repr, GROUPINGS))}"
-        )
+    s = cfg.train.clients_per_round
+    groups = fields.integer(cfg, "gsfl.groups", 1, s, hi_name=f"train.clients_per_round={s}")
+    fields.choice(cfg, "gsfl.grouping", GROUPINGS)
     if cfg.train.chunk_size > groups:
-        raise ConfigError(
-            f"train.chunk_size={cfg.train.chunk_size!r} is invalid: with gsfl it counts the groups "
-            f"trained side by side, so it must be <= gsfl.groups={groups} (0 = all of them)"
+        fields.fail(
+            "train.chunk_size",
+            cfg.train.chunk_size,
+            f"with gsfl it counts the groups trained side by side, so it must be <= "
+            f"gsfl.groups={groups} (0 = all of them)",
         )
 
 
@@ -190,14 +184,7 @@ class GroupRelay(SharedServer):
             params_c, params_s, opt_s, stats = train(
                 params_c, params_s, opt_s, rows, counts, bits, plan["keys"][at]
             )
-            flags = jnp.stack(
-                [
-                    jnp.isfinite(stats[:, 0]),
-                    finite_per_client(params_c),
-                    finite_per_client(params_s),
-                ],
-                axis=1,
-            )
+            flags = health_flags(stats, params_c, params_s)
             steps = jnp.max(jnp.where(taken, tau[at], 0)) * c
             return (params_c, params_s, opt_s), (stats, flags, counts, steps)
 

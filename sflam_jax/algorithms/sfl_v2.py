@@ -23,7 +23,7 @@ from sflam_jax.algorithms.base import (
     SplitTraining,
     average_or_keep,
     baseline,
-    finite_per_client,
+    health_flags,
 )
 from sflam_jax.data.batches import ClientRows, local_steps
 from sflam_jax.wireless.costs import sfl_v2_round_costs
@@ -86,13 +86,7 @@ class SharedServer(SplitTraining):
             w = client["counts"].astype(jnp.float32)
             sum_c = jax.tree.map(lambda a, x: a + w * x, sum_c, new_c)
             one = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
-            health = jnp.stack(
-                [
-                    jnp.isfinite(client_stats[0]),
-                    finite_per_client(one(new_c))[0],
-                    finite_per_client(one(params_s))[0],
-                ]
-            )
+            health = health_flags(one(client_stats), one(new_c), one(params_s))[0]
             return (new_c, params_s, opt_s, sum_c, stats + client_stats), health
 
         zeros = jax.tree.map(jnp.zeros_like, state.params_c)

@@ -36,13 +36,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from sflam_jax import quant
+from sflam_jax import fields, quant
 from sflam_jax.algorithms.base import (
     Costs,
     Options,
     Protocol,
     SplitTraining,
+    batch_stats,
     masked_cross_entropy,
+    masked_update,
 )
 from sflam_jax.allocation import IN_GRAPH
 from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
@@ -64,21 +66,17 @@ def config_block() -> ml_collections.ConfigDict:
 
 
 def validate(cfg) -> None:
-    def fail(field, value, allowed):
-        raise ConfigError(f"sfprompt.{field}={value!r} is invalid: {allowed}")
-
-    p = cfg.sfprompt
     for field, low in (
         ("prompt_len", 1),
         ("head_blocks", 0),
         ("tail_blocks", 0),
         ("local_epochs", 0),
     ):
-        value = p[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            fail(field, value, f"must be an integer >= {low}")
-    if isinstance(p.keep, bool) or not isinstance(p.keep, int | float) or not 0 < p.keep <= 1:
-        fail("keep", p.keep, "must be in (0, 1] (the fraction of a client's samples kept)")
+        fields.integer(cfg, f"sfprompt.{field}", low)
+    fields.number(
+        cfg, "sfprompt.keep", 0, 1, open_lo=True, why="the fraction of a client's samples kept"
+    )
+    fields.boolean(cfg, "sfprompt.prune_first_round")
     if not cfg.model.pretrained:
         from sflam_jax.models.vit import PRESETS
 
@@ -209,13 +207,9 @@ class PromptTuning(SplitTraining):
         (_, (total, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, images, labels, mask, up_bits, jax.random.fold_in(key, t)
         )
-        updates, new_opt = self.optimizer.update(grads, opt, trainable)
-        active = jnp.any(mask)
-        new = (optax.apply_updates(trainable, updates), new_opt)
-        trainable, opt = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, (trainable, opt))
+        trainable, opt = masked_update(self.optimizer, trainable, opt, grads, mask)
         if record:
-            n = jnp.sum(mask.astype(jnp.float32))
-            stats = stats + jnp.stack([total, correct, n])
+            stats = stats + batch_stats(total, correct, mask)
         return trainable, opt, stats
 
     def _frozen(self):
