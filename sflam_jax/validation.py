@@ -10,6 +10,7 @@ import difflib
 
 import ml_collections
 
+from sflam_jax import fields
 from sflam_jax.algorithms import registry
 from sflam_jax.algorithms.base import OPTIMIZERS
 from sflam_jax.allocation.problem import Weights
@@ -17,10 +18,6 @@ from sflam_jax.config import base_config, flatten, get
 from sflam_jax.engine import SCHEDULES
 from sflam_jax.errors import ConfigError
 from sflam_jax.models.vit import PRESETS
-
-
-def _fail(field: str, value, allowed: str):
-    raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
 
 
 def check_known_fields(cfg: ml_collections.ConfigDict) -> None:
@@ -40,31 +37,6 @@ def check_known_fields(cfg: ml_collections.ConfigDict) -> None:
             ) from None
 
 
-def _integer(cfg, field: str) -> int:
-    value = get(cfg, field)
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(field, value, "must be an integer")
-    return value
-
-
-def _int_in(cfg, field: str, lo: int, hi: int | None = None) -> None:
-    value = _integer(cfg, field)
-    if value < lo or (hi is not None and value > hi):
-        _fail(field, value, f"must be in [{lo}, {'inf' if hi is None else hi}]")
-
-
-def _positive(cfg, field: str) -> None:
-    value = get(cfg, field)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        _fail(field, value, "must be a number > 0")
-
-
-def _choice(cfg, field: str, allowed) -> None:
-    value = get(cfg, field)
-    if value not in allowed:
-        _fail(field, value, f"allowed: {', '.join(map(repr, allowed))}")
-
-
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Checks every field's type and range and the cross-field rules.
 
@@ -72,84 +44,90 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       ConfigError: the first bad field, with its value and the allowed range.
     """
     check_known_fields(cfg)
-    _int_in(cfg, "seed", 0)
+    fields.integer(cfg, "seed", 0)
     protocol = registry.get(cfg.algorithm)
-    _int_in(cfg, "num_rounds", 1)
-    _int_in(cfg, "eval_every", 0)
-    _choice(cfg, "data.source", ("idx", "tfds"))
-    _int_in(cfg, "data.num_clients", 1)
-    _choice(cfg, "data.partition", ("dirichlet", "iid"))
-    _positive(cfg, "data.alpha")
-    _int_in(cfg, "data.min_client_samples", 0)
-    _int_in(cfg, "data.image_size", 0)
-    _int_in(cfg, "data.test_samples", 0)
+    fields.integer(cfg, "num_rounds", 1)
+    fields.integer(cfg, "eval_every", 0)
+    fields.choice(cfg, "data.source", ("idx", "tfds"))
+    fields.integer(cfg, "data.num_clients", 1)
+    fields.choice(cfg, "data.partition", ("dirichlet", "iid"))
+    fields.positive(cfg, "data.alpha")
+    fields.integer(cfg, "data.min_client_samples", 0)
+    fields.integer(cfg, "data.image_size", 0)
+    fields.integer(cfg, "data.test_samples", 0)
     if len(cfg.data.mean) != len(cfg.data.std):
-        _fail("data.std", cfg.data.std, f"needs as many entries as data.mean={cfg.data.mean}")
+        fields.fail("data.std", cfg.data.std, f"needs as many entries as data.mean={cfg.data.mean}")
     if any(s <= 0 for s in cfg.data.std):
-        _fail("data.std", cfg.data.std, "every entry must be > 0")
-    _choice(cfg, "model.preset", tuple(PRESETS))
-    _int_in(cfg, "model.patch_size", 0)
+        fields.fail("data.std", cfg.data.std, "every entry must be > 0")
+    fields.choice(cfg, "model.preset", tuple(PRESETS))
+    fields.integer(cfg, "model.patch_size", 0)
     # A checkpoint's depth is known once it is read (train.build_model checks it there).
     depth = None if cfg.model.pretrained else PRESETS[cfg.model.preset][1]
-    _int_in(cfg, "model.cut_layer", 0, depth)
-    _positive(cfg, "model.layer_norm_eps")
+    fields.integer(cfg, "model.cut_layer", 0, depth)
+    fields.positive(cfg, "model.layer_norm_eps")
     if cfg.model.random_init and not cfg.model.pretrained:
-        _fail("model.random_init", True, "needs model.pretrained (the architecture to initialise)")
+        fields.fail(
+            "model.random_init", True, "needs model.pretrained (the architecture to initialise)"
+        )
     for side in ("fwd_bits", "bwd_bits"):
-        _int_in(cfg, f"aqt.{side}", 0, 16)
+        fields.integer(cfg, f"aqt.{side}", 0, 16)
         if 0 < cfg.aqt[side] < 2:
-            _fail(f"aqt.{side}", cfg.aqt[side], "must be 0 (float) or in [2, 16]")
-    _int_in(cfg, "quant.up_bits", 1, 32)
-    _int_in(cfg, "quant.down_bits", 1, 32)
-    _int_in(cfg, "train.clients_per_round", 1)
+            fields.fail(f"aqt.{side}", cfg.aqt[side], "must be 0 (float) or in [2, 16]")
+    fields.integer(cfg, "quant.up_bits", 1, 32)
+    fields.integer(cfg, "quant.down_bits", 1, 32)
+    fields.integer(cfg, "train.clients_per_round", 1)
     if cfg.train.clients_per_round > cfg.data.num_clients:
-        _fail(
+        fields.fail(
             "train.clients_per_round",
             cfg.train.clients_per_round,
             f"must be <= data.num_clients={cfg.data.num_clients}",
         )
-    _int_in(cfg, "train.local_epochs", 1)
-    _int_in(cfg, "train.batch_size", 1)
-    _int_in(cfg, "train.chunk_size", 0)
+    fields.integer(cfg, "train.local_epochs", 1)
+    fields.integer(cfg, "train.batch_size", 1)
+    fields.integer(cfg, "train.chunk_size", 0)
     if cfg.train.chunk_size > cfg.train.clients_per_round:
-        _fail(
+        fields.fail(
             "train.chunk_size",
             cfg.train.chunk_size,
             f"must be <= train.clients_per_round={cfg.train.clients_per_round} (0 = chosen "
             "from the partition with lanes, all at once with chunks)",
         )
-    _choice(cfg, "train.schedule", SCHEDULES)
+    fields.choice(cfg, "train.schedule", SCHEDULES)
     if not 0 < cfg.train.min_useful_share <= 1:
-        _fail("train.min_useful_share", cfg.train.min_useful_share, "must be in (0, 1]")
-    _int_in(cfg, "train.eval_batch_size", 1)
-    _int_in(cfg, "train.chunks_per_block", 1)
+        fields.fail("train.min_useful_share", cfg.train.min_useful_share, "must be in (0, 1]")
+    fields.integer(cfg, "train.eval_batch_size", 1)
+    fields.integer(cfg, "train.chunks_per_block", 1)
     if (cfg.train.stream or cfg.distributed.enabled) and not protocol.streamable:
         streamable = [p.name for p in registry.PROTOCOLS.values() if p.streamable]
-        _fail(
+        fields.fail(
             "algorithm",
             cfg.algorithm,
             "train.stream and distributed runs need a protocol whose clients train side by side "
             f"({', '.join(map(repr, streamable))}); {cfg.algorithm!r} serves its clients one "
             "after another",
         )
-    _int_in(cfg, "sharding.clients", 0)
-    _int_in(cfg, "sharding.model", 1)
-    _int_in(cfg, "sharding.cpu_devices", 0)
+    fields.integer(cfg, "sharding.clients", 0)
+    fields.integer(cfg, "sharding.model", 1)
+    fields.integer(cfg, "sharding.cpu_devices", 0)
     for rule in cfg.sharding.rules:
         if len(rule) != 2 or not isinstance(rule[0], str):
-            _fail("sharding.rules", cfg.sharding.rules, "must be (logical axis, mesh axis) pairs")
+            fields.fail(
+                "sharding.rules", cfg.sharding.rules, "must be (logical axis, mesh axis) pairs"
+            )
         if rule[1] not in ("clients", "model", None, ""):
-            _fail("sharding.rules", cfg.sharding.rules, "mesh axes are 'model', 'clients' or None")
-    _int_in(cfg, "distributed.num_processes", 0)
-    _int_in(cfg, "distributed.process_id", -1)
-    _choice(cfg, "distributed.cpu_collectives", ("gloo", "mpi"))
-    _choice(cfg, "optimizer.name", OPTIMIZERS)
-    _positive(cfg, "optimizer.learning_rate")
-    _positive(cfg, "optimizer.head_lr_scale")
+            fields.fail(
+                "sharding.rules", cfg.sharding.rules, "mesh axes are 'model', 'clients' or None"
+            )
+    fields.integer(cfg, "distributed.num_processes", 0)
+    fields.integer(cfg, "distributed.process_id", -1)
+    fields.choice(cfg, "distributed.cpu_collectives", ("gloo", "mpi"))
+    fields.choice(cfg, "optimizer.name", OPTIMIZERS)
+    fields.positive(cfg, "optimizer.learning_rate")
+    fields.positive(cfg, "optimizer.head_lr_scale")
     if not 0 <= cfg.optimizer.momentum < 1:
-        _fail("optimizer.momentum", cfg.optimizer.momentum, "must be in [0, 1)")
+        fields.fail("optimizer.momentum", cfg.optimizer.momentum, "must be in [0, 1)")
     if cfg.optimizer.weight_decay < 0:
-        _fail("optimizer.weight_decay", cfg.optimizer.weight_decay, "must be >= 0")
+        fields.fail("optimizer.weight_decay", cfg.optimizer.weight_decay, "must be >= 0")
     for name in (
         "radius_m",
         "bandwidth_hz",
@@ -161,31 +139,33 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "kappa",
         "server_flops",
     ):
-        _positive(cfg, f"wireless.{name}")
+        fields.positive(cfg, f"wireless.{name}")
     if not 0 <= cfg.wireless.min_distance_m < cfg.wireless.radius_m:
-        _fail(
+        fields.fail(
             "wireless.min_distance_m",
             cfg.wireless.min_distance_m,
             f"must be in [0, wireless.radius_m={cfg.wireless.radius_m})",
         )
     if cfg.wireless.cpu_min_hz > cfg.wireless.cpu_max_hz:
-        _fail("wireless.cpu_min_hz", cfg.wireless.cpu_min_hz, "must be <= wireless.cpu_max_hz")
+        fields.fail(
+            "wireless.cpu_min_hz", cfg.wireless.cpu_min_hz, "must be <= wireless.cpu_max_hz"
+        )
     if cfg.wireless.shadowing_std_db < 0:
-        _fail("wireless.shadowing_std_db", cfg.wireless.shadowing_std_db, "must be >= 0")
-    _choice(cfg, "allocation.method", protocol.allocators)
+        fields.fail("wireless.shadowing_std_db", cfg.wireless.shadowing_std_db, "must be >= 0")
+    fields.choice(cfg, "allocation.method", protocol.allocators)
     # The bit range and the weights are checked where they are used (allocation.problem.Weights).
-    _integer(cfg, "allocation.bits_min")
-    _integer(cfg, "allocation.bits_max")
-    _positive(cfg, "allocation.value_range")
-    _int_in(cfg, "allocation.pgd_steps", 1)
+    fields.integer(cfg, "allocation.bits_min")
+    fields.integer(cfg, "allocation.bits_max")
+    fields.positive(cfg, "allocation.value_range")
+    fields.integer(cfg, "allocation.pgd_steps", 1)
     try:
         Weights.from_config(cfg.allocation, protocol.cut_bits(cfg.quant)[1])
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if protocol.validate is not None:
         protocol.validate(cfg)
-    _int_in(cfg, "checkpoint.every", 1)
-    _int_in(cfg, "checkpoint.max_to_keep", 1)
+    fields.integer(cfg, "checkpoint.every", 1)
+    fields.integer(cfg, "checkpoint.max_to_keep", 1)
 
 
 def validate_data(
@@ -195,29 +175,33 @@ def validate_data(
     ``data.test_samples``."""
     channels = image_shape[-1]
     if len(cfg.data.mean) not in (1, channels):
-        _fail("data.mean", cfg.data.mean, f"needs 1 or {channels} entries (the data's channels)")
+        fields.fail(
+            "data.mean", cfg.data.mean, f"needs 1 or {channels} entries (the data's channels)"
+        )
     size = cfg.data.image_size or image_shape[0]
     patch = cfg.model.patch_size or PRESETS[cfg.model.preset][4]
     if not cfg.model.pretrained and size % patch:
-        _fail("model.patch_size", patch, f"must divide the image size {size}")
+        fields.fail("model.patch_size", patch, f"must divide the image size {size}")
     if cfg.data.num_clients * cfg.data.min_client_samples > train_size:
-        _fail(
+        fields.fail(
             "data.num_clients",
             cfg.data.num_clients,
             f"times data.min_client_samples={cfg.data.min_client_samples} exceeds the "
             f"{train_size} training samples",
         )
     if test_size is not None and cfg.data.test_samples > test_size:
-        _fail("data.test_samples", cfg.data.test_samples, f"exceeds the {test_size} test samples")
+        fields.fail(
+            "data.test_samples", cfg.data.test_samples, f"exceeds the {test_size} test samples"
+        )
 
 
 def validate_partition(cfg: ml_collections.ConfigDict, client_sizes) -> None:
     """The rules that need the partition: a batch must fit in the largest client's data."""
     largest = max(int(n) for n in client_sizes)
     if largest == 0:
-        _fail("data.num_clients", cfg.data.num_clients, "leaves every client without samples")
+        fields.fail("data.num_clients", cfg.data.num_clients, "leaves every client without samples")
     if cfg.train.batch_size > largest:
-        _fail(
+        fields.fail(
             "train.batch_size",
             cfg.train.batch_size,
             f"exceeds the largest client's {largest} samples (every batch would be padded); "

@@ -27,8 +27,8 @@ def _install(point: str, at: int) -> None:
     if point == "round":
         check = train.check_health
 
-        def check_then_die(health, clients, round_index):
-            check(health, clients, round_index)
+        def check_then_die(health, clients, round_index, *words):
+            check(health, clients, round_index, *words)
             if round_index == at:
                 _die()
 

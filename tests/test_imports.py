@@ -30,7 +30,8 @@ LAYERS = (
     ("sflam_jax.engine", "sflam_jax.events", "sflam_jax.streaming"),
     ("sflam_jax.algorithms.base", "sflam_jax.algorithms.sparse", "sflam_jax.sharding"),
     ("sflam_jax.allocation", "sflam_jax.wireless", "sflam_jax.models", "sflam_jax.data"),
-    ("sflam_jax.quant", "sflam_jax.metrics", "sflam_jax.errors", "sflam_jax.streams"),
+    ("sflam_jax.quant", "sflam_jax.metrics", "sflam_jax.fields", "sflam_jax.streams"),
+    ("sflam_jax.errors",),
 )
 
 
