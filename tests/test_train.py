@@ -97,14 +97,21 @@ def test_chunked_clients_and_aqt_run(reference_run, tmp_path):
     assert _metrics(tmp_path)[1]["train_loss"] != _metrics(workdir)[1]["train_loss"]
 
 
-@pytest.mark.parametrize("schedule", ["chunks", "lanes"])
-def test_streamed_round_equals_the_one_program_round(reference_run, tmp_path, schedule):
+@pytest.mark.parametrize(
+    ("algorithm", "schedule"),
+    [("sflam", "chunks"), ("sflam", "lanes"), ("esfl", "chunks"), ("sfprompt", "chunks")],
+)
+def test_streamed_round_equals_the_one_program_round(reference_run, tmp_path, algorithm, schedule):
     """train.stream on one process (host-held samples, several device calls per round) gives the
-    one-program round's records: bit for bit with chunks; with lanes the clients finish block by
-    block, so FedAvg adds them in another order (float32 rounding)."""
+    one-program round's records: bit for bit with chunks (also for ESFL's planned cuts and
+    SFPrompt's pruned clients); with lanes the clients finish block by block, so FedAvg adds them
+    in another order (float32 rounding)."""
     cfg, _, _ = reference_run
     cfg = cfg.copy_and_resolve_references()
     cfg.num_rounds, cfg.train.chunk_size, cfg.train.schedule = 1, 2, schedule
+    cfg.algorithm = algorithm
+    if algorithm == "esfl":
+        cfg.allocation.method = "esfl_exact"
     train.train_and_evaluate(cfg, str(tmp_path / "one_program"))
     cfg.train.stream, cfg.train.chunks_per_block = True, 1
     train.train_and_evaluate(cfg, str(tmp_path / "streamed"))
