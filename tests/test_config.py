@@ -84,7 +84,8 @@ def test_bad_field_is_named(field, value, message):
         ),
         (
             {"algorithm": "sl", "train.stream": True},
-            r"algorithm='sl' is invalid: train.stream .* \('sflam', 'sfl', 'fl', 'sfprompt', 'esfl'\)",
+            r"algorithm='sl' is invalid: train.stream .* "
+            r"\('sflam', 'sfl', 'fl', 'sfprompt', 'esfl'\)",
         ),
         (
             {"algorithm": "sfl_v2", "distributed.enabled": True},

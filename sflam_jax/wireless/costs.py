@@ -239,21 +239,25 @@ def fl_round_costs(
     down_bits: jax.Array | int = FLOAT_BITS,
 ) -> dict[str, jax.Array]:
     """FedAvg with the whole model on each device (SPEC section 3): local compute of both
-    segments, then ``32 (|w_c| + |w_s|)`` bits up and down once per round. Arguments and keys as
-    ``sflam_round_costs`` (FL has no cut: ``up_bits`` and ``down_bits`` are unused)."""
+    segments, then ``32 (|w_c| + |w_s|)`` bits up and down once per round: every device's
+    ``client_trip_costs`` of the whole model. Arguments and keys as ``sflam_round_costs`` (FL
+    has no cut: ``up_bits`` and ``down_bits`` are unused)."""
     del up_bits, down_bits
-    n0 = params.noise_w_per_hz
-    steps = jnp.asarray(steps, jnp.float32)
-    flops = workload.client_flops + workload.server_flops
-    cycles = 3.0 * workload.batch_size * flops / params.flops_per_cycle
-    compute_s = steps * cycles / devices.cpu_hz
-    model_bits = float(FLOAT_BITS) * (workload.client_params + workload.server_params)
-    r_up = rate_bps(bandwidth_hz, power_w, devices.gain, n0)
-    r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
-    comm_s = model_bits / r_up + model_bits / r_dn
-    compute_energy = steps * params.kappa * devices.cpu_hz**2 * cycles
-    comm_energy = power_w * model_bits / r_up
-    return _totals(compute_s, comm_s, compute_energy, comm_energy)
+    model = workload.client_params + workload.server_params
+    trip = client_trip_costs(
+        devices,
+        steps,
+        bandwidth_hz,
+        power_w,
+        3.0 * (workload.client_flops + workload.server_flops),
+        workload.batch_size,
+        model,
+        model,
+        params,
+    )
+    return _totals(
+        trip["compute_s"], trip["comm_s"], trip["compute_energy_j"], trip["comm_energy_j"]
+    )
 
 
 def sl_round_costs(
@@ -322,10 +326,10 @@ def client_trip_costs(
     up_params: int,
     params: SystemParams,
 ) -> dict[str, jax.Array]:
-    """One FL client's trip in an asynchronous protocol (FTTE, FedBuff; SPEC sections 3 and 6.4):
+    """One FL client's trip (SPEC sections 3 and 6.4; FL's round, FTTE's and FedBuff's trips):
     download ``down_params`` float32 values, ``steps`` local steps of ``batch_size`` samples at
-    ``flops_per_sample`` (forward and backward of the trained subset), upload ``up_params`` values
-    (its delta), on a fixed bandwidth share at a fixed power.
+    ``flops_per_sample`` (forward and backward of the trained part), upload ``up_params`` values
+    (its model or delta), on a bandwidth share at a power (scalars or ``[C]``).
 
     Args:
       devices: ``[C]`` the dispatched devices (clock, channel).
@@ -340,7 +344,8 @@ def client_trip_costs(
 
     Returns:
       ``[C]`` arrays ``time_s`` (download + compute + upload), ``compute_s``, ``comm_s``,
-      ``energy_j`` (compute ``kappa f^2`` per cycle + ``p t_up``) and ``bytes`` (both ways).
+      ``energy_j`` (compute ``kappa f^2`` per cycle + ``p t_up``) with its ``compute_energy_j``
+      and ``comm_energy_j``, and ``bytes`` (both ways).
     """
     n0 = params.noise_w_per_hz
     cycles = (
@@ -353,11 +358,14 @@ def client_trip_costs(
     r_dn = rate_bps(bandwidth_hz, params.server_power_w, devices.gain, n0)
     up_s = up_bits / r_up
     comm_s = down_bits / r_dn + up_s
-    energy = params.kappa * devices.cpu_hz**2 * cycles + power_w * up_s
+    compute_energy = params.kappa * devices.cpu_hz**2 * cycles
+    comm_energy = power_w * up_s
     return {
         "time_s": compute_s + comm_s,
         "compute_s": compute_s,
         "comm_s": comm_s,
-        "energy_j": energy,
+        "energy_j": compute_energy + comm_energy,
+        "compute_energy_j": compute_energy,
+        "comm_energy_j": comm_energy,
         "bytes": (down_bits + up_bits) / 8.0,
     }
