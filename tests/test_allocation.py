@@ -86,6 +86,7 @@ def test_exact_solution_structure():
 SIZES = [2, 5, 13, 34, 89, 200]
 
 
+@pytest.mark.slow
 def test_pgd_within_tenth_of_a_percent_of_exact_on_500_instances():
     gaps = []
     for i, s in enumerate(SIZES):
@@ -128,6 +129,7 @@ def test_bcd_never_increases_the_objective_and_meets_the_budget():
         assert bool(jnp.all(diag["feasible"]))  # power, bandwidth, bits range and budget
 
 
+@pytest.mark.slow
 def test_pgd_and_bcd_with_free_bits_meet_the_budget_and_beat_equal():
     from sflam_jax.allocation import baselines, bcd
 

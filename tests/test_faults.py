@@ -32,6 +32,7 @@ def _assert_same_state(a, b):
         np.testing.assert_array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key]), str(key))
 
 
+@pytest.mark.slow
 def test_killed_at_every_kind_of_point_resumes_to_the_same_run(
     reference_run, tmp_path, idx_dir, tfds_dir
 ):

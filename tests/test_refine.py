@@ -4,6 +4,7 @@ local search beyond)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sflam_jax import quant
 from sflam_jax.allocation import bcd, exact, pgd
@@ -49,6 +50,7 @@ def one(batch, i):
     return jax.tree.map(lambda x: x[i], batch)
 
 
+@pytest.mark.slow
 def test_integer_bits_within_half_a_percent_of_exhaustive_search():
     num, s = 5, 4
     batch = instances(jax.random.key(74), num, s)
@@ -60,6 +62,7 @@ def test_integer_bits_within_half_a_percent_of_exhaustive_search():
             assert values[i] >= float(best["objective"]) * (1 - 1e-4), (name, i)
 
 
+@pytest.mark.slow
 def test_integer_bits_within_half_a_percent_of_a_local_search():
     num, s = 2, 8
     batch = instances(jax.random.key(90), num, s)

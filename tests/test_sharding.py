@@ -35,6 +35,7 @@ def _mesh_states(tmp_path, idx_dir, tfds_dir, devices, meshes):
     return dict(np.load(out)), {entry.pop("mesh"): entry for entry in layouts}
 
 
+@pytest.mark.slow
 def test_sharded_rounds_equal_the_single_device_round(tmp_path, idx_dir, tfds_dir):
     """Two rounds on 8 fake CPU devices, for four meshes, against one
     device (1x1 in the same 8-device process); the server segment is laid out by the rules."""
@@ -157,6 +158,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, idx_dir, tfds_dir):
     """Two local CPU processes (jax.distributed over gloo) with two devices each
     (``sharding.cpu_devices``), on a 2x2 mesh whose "model" axis splits the server segment inside
