@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import re
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,12 +32,13 @@ from tqdm.auto import tqdm
 
 from sflam_jax import experiment, quant, streams
 from sflam_jax.algorithms import registry
-from sflam_jax.algorithms.base import HEALTH, check_health, make_evaluate, make_optimizer
+from sflam_jax.algorithms.base import check_health, make_evaluate, make_optimizer
 from sflam_jax.config import flatten
 from sflam_jax.data.batches import ClientData, client_table, local_steps
 from sflam_jax.data.partition import partition
 from sflam_jax.errors import ConfigError, NonFiniteError
 from sflam_jax.metrics import MetricWriter, atomic_write_text, read_jsonl, to_python
+from sflam_jax.train import run_rounds
 from sflam_jax.validation import validate, validate_partition
 
 # Fields batched with vmap. seed and data.alpha change the random partition, which is padded to
@@ -234,7 +234,11 @@ def run_group(cfgs: list, directories: list[str], progress: bool = True) -> None
         return specialize(exp, v).round(state, data, streams.round_key(v["seed"], r), up_bits)
 
     data_axes = ClientData(images=None, labels=None, index=0, counts=0)
-    round_fn = jax.jit(jax.vmap(point_round, in_axes=(0, data_axes, None, 0)), donate_argnums=0)
+    vmapped = jax.jit(jax.vmap(point_round, in_axes=(0, data_axes, None, 0)), donate_argnums=0)
+
+    def round_fn(states, r):
+        return vmapped(states, data, np.int32(r), values)
+
     evaluate = jax.jit(
         jax.vmap(
             make_evaluate(exp.model, exp.preprocess, base.train.eval_batch_size),
@@ -262,38 +266,32 @@ def run_group(cfgs: list, directories: list[str], progress: bool = True) -> None
         out = jax.device_get(evaluate(states.params_c, states.params_s, *test))
         return [{k: v[i] for k, v in out.items()} for i in range(len(cfgs))]
 
-    t_start = time.perf_counter()
+    def check(health, metrics, round_index):
+        # A point that diverges stops writing (its error.txt says why); the others go on.
+        for i, directory in enumerate(directories):
+            if not alive[i]:
+                continue
+            try:
+                check_health(health[i], metrics["clients"][i], round_index)
+            except NonFiniteError as e:
+                alive[i] = False
+                atomic_write_text(os.path.join(directory, "error.txt"), f"{e}\n")
+
     bar = tqdm(total=base.num_rounds, desc="sweep rounds", unit="round", disable=not progress)
     try:
-        if base.eval_every:
-            write(
-                [{"round": 0, **e} for e in point_eval(states)],
-                {"eval_s": time.perf_counter() - t_start, "elapsed_s": 0.0},
-            )
-        for r in range(base.num_rounds):
-            t0 = time.perf_counter()
-            states, metrics = round_fn(states, data, np.int32(r), values)
-            metrics = jax.device_get(metrics)
-            health = metrics.pop(HEALTH)
-            t1 = time.perf_counter()
-            records = [
-                {"round": r + 1, **{k: v[i] for k, v in metrics.items()}} for i in range(len(cfgs))
-            ]
-            for i, directory in enumerate(directories):
-                if not alive[i]:
-                    continue
-                try:
-                    check_health(health[i], metrics["clients"][i], r + 1)
-                except NonFiniteError as e:
-                    alive[i] = False
-                    atomic_write_text(os.path.join(directory, "error.txt"), f"{e}\n")
-            done = r + 1 == base.num_rounds
-            if done or (base.eval_every and (r + 1) % base.eval_every == 0):
-                for record, e in zip(records, point_eval(states), strict=True):
-                    record.update(e)
-            t2 = time.perf_counter()
-            write(records, {"round_s": t1 - t0, "eval_s": t2 - t1, "elapsed_s": t2 - t_start})
-            bar.update(1)
+        run_rounds(
+            round_fn,
+            states,
+            0,
+            base.num_rounds,
+            num_rounds=base.num_rounds,
+            eval_every=base.eval_every,
+            evaluate=point_eval,
+            split=lambda metrics: [{k: v[i] for k, v in metrics.items()} for i in range(len(cfgs))],
+            check=check,
+            write=write,
+            bar=bar,
+        )
     finally:
         bar.close()
         for w in writers:

@@ -47,6 +47,77 @@ def evaluate_state(evaluate, state, images, labels) -> dict:
     return jax.device_get(evaluate(state.params_c, state.params_s, images, labels))
 
 
+def run_rounds(
+    round_fn,
+    state,
+    start: int,
+    end: int,
+    *,
+    num_rounds: int,
+    eval_every: int,
+    evaluate,
+    split,
+    check,
+    write,
+    after=None,
+    finished=lambda state: False,
+    bar=None,
+):
+    """The round loop of every trainer (``train_and_evaluate``, and the vectorized sweep's points
+    side by side): round-0 evaluation, rounds, health check, evaluation cadence, records.
+
+    Args:
+      round_fn: ``(state, r) -> (state, metrics)``, round ``r`` (0-based).
+      state: the state after ``start`` rounds.
+      start, end: the rounds ``[start, end)`` to run.
+      num_rounds: the run's length; its last round is always evaluated.
+      eval_every: test metrics every that many rounds (0: only the last) and, from round 0, of
+        the starting model.
+      evaluate: ``state -> [dict]`` test metrics, one dict per run (the sweep's points).
+      split: host metrics -> ``[dict]``, one per run.
+      check: ``(health, metrics, round) -> None``; raises to stop before the round is written.
+      write: ``(records, timing) -> None``.
+      after: ``(state, done) -> None`` after each round is written (checkpoints).
+      finished: ``state -> bool``, the engine's own stop rule.
+      bar: a progress bar advanced every round (the first run's loss and accuracy shown).
+
+    Returns:
+      ``(state, the last round's records)`` (None when no round ran or was evaluated).
+    """
+    t_start = time.perf_counter()
+    records, last_eval = None, [{}]
+    if start == 0 and eval_every:
+        # Round 0: the starting model (the checkpoint's accuracy when fine-tuning).
+        last_eval = evaluate(state)
+        records = [{"round": 0, **e} for e in last_eval]
+        write(records, {"eval_s": time.perf_counter() - t_start, "elapsed_s": 0.0})
+    for r in range(start, end):
+        t0 = time.perf_counter()
+        state, metrics = round_fn(state, r)
+        metrics = jax.device_get(metrics)
+        check(metrics.pop(HEALTH), metrics, r + 1)
+        t1 = time.perf_counter()
+        records = [{"round": r + 1, **m} for m in split(metrics)]
+        done = r + 1 == num_rounds or finished(state)
+        if done or (eval_every and (r + 1) % eval_every == 0):
+            last_eval = evaluate(state)
+            for record, e in zip(records, last_eval, strict=True):
+                record.update(e)
+        t2 = time.perf_counter()
+        write(records, {"round_s": t1 - t0, "eval_s": t2 - t1, "elapsed_s": t2 - t_start})
+        if after is not None:
+            after(state, done)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{float(records[0]['train_loss']):.3f}",
+                acc=f"{float(last_eval[0].get('test_accuracy', float('nan'))):.3f}",
+            )
+        if done:
+            break
+    return state, records
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, fresh: bool = False
 ) -> dict:
@@ -126,57 +197,43 @@ def train_and_evaluate(
         disable=not (config.metrics.progress and primary),
         dynamic_ncols=True,
     )
-    last_eval = {}
     engine = run.engine
     # An engine may stop before num_rounds (the event protocols on their simulated clock); a
     # resumed run that had already stopped trains nothing more.
     end = start if engine.finished(state) else config.num_rounds
-    t_start = time.perf_counter()
+
+    def check(health, metrics, round_index):
+        # Stops before anything of this round is written; the last checkpoint stays good.
+        check_health(
+            health, metrics["clients"], round_index, engine.health_parts, engine.health_advice
+        )
+        short = int(metrics.get("memory_infeasible_device", -1))
+        if short >= 0 and primary:
+            tqdm.write(
+                f"round {round_index}: the memory of client {int(metrics['clients'][short])} "
+                "fits no candidate cut (esfl.cuts, esfl.memory_*_bytes); it trained at the "
+                "least-memory cut",
+                file=sys.stderr,
+            )
+
     try:
-        if start == 0 and config.eval_every:
-            # Round 0: the starting model (the checkpoint's accuracy when fine-tuning).
-            last_eval = evaluate_state(evaluate, state, test_images, test_labels)
-            record = {"round": 0, **last_eval}
-            write(record, {"eval_s": time.perf_counter() - t_start, "elapsed_s": 0.0})
-        for r in range(start, end):
-            t0 = time.perf_counter()
-            state, metrics = round_fn(state, r)
-            metrics = jax.device_get(metrics)
-            # Stops before anything of this round is written; the last checkpoint stays good.
-            check_health(
-                metrics.pop(HEALTH),
-                metrics["clients"],
-                r + 1,
-                engine.health_parts,
-                engine.health_advice,
-            )
-            short = int(metrics.get("memory_infeasible_device", -1))
-            if short >= 0 and primary:
-                tqdm.write(
-                    f"round {r + 1}: the memory of client {int(metrics['clients'][short])} fits "
-                    "no candidate cut (esfl.cuts, esfl.memory_*_bytes); it trained at the "
-                    "least-memory cut",
-                    file=sys.stderr,
-                )
-            t1 = time.perf_counter()
-            record = {"round": r + 1, **metrics}
-            done = r + 1 == config.num_rounds or engine.finished(state)
-            if done or (config.eval_every and (r + 1) % config.eval_every == 0):
-                last_eval = evaluate_state(evaluate, state, test_images, test_labels)
-                record.update(last_eval)
-            t2 = time.perf_counter()
-            write(
-                record,
-                {"round_s": t1 - t0, "eval_s": t2 - t1, "elapsed_s": t2 - t_start},
-            )
-            checkpointer.maybe_save(state, force=done)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{float(metrics['train_loss']):.3f}",
-                acc=f"{float(last_eval.get('test_accuracy', float('nan'))):.3f}",
-            )
-            if done:
-                break
+        _, records = run_rounds(
+            round_fn,
+            state,
+            start,
+            end,
+            num_rounds=config.num_rounds,
+            eval_every=config.eval_every,
+            evaluate=lambda st: [evaluate_state(evaluate, st, test_images, test_labels)],
+            split=lambda metrics: [metrics],
+            check=check,
+            write=lambda records, timing: write(records[0], timing),
+            after=lambda st, done: checkpointer.maybe_save(st, force=done),
+            finished=engine.finished,
+            bar=bar,
+        )
+        if records:
+            record = records[0]
     finally:
         bar.close()
         if writer is not None:
