@@ -41,7 +41,7 @@ from sflam_jax.allocation.problem import (
     smallest_bits,
 )
 from sflam_jax.allocation.search import bisect
-from sflam_jax.wireless.costs import Workload
+from sflam_jax.wireless.costs import Workload, round_loads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,25 +64,31 @@ class JointOptions:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _AtCuts:
-    """Each device's costs at its cut (``[S]``), the ``load_data`` of the links block."""
+    """Each device's split at its cut (``[S]``), the ``load_data`` of the links block."""
 
-    compute_s: jax.Array
-    compute_j: jax.Array
+    client_flops: jax.Array
     server_s: jax.Array
     client_params: jax.Array
     values: jax.Array
 
 
 def _cut_loads(devices, steps, up_bits, workload, params, down_bits, at: _AtCuts) -> dict:
-    """SFLAM's per-device ``A, C, D, H`` at each device's own cut and server share."""
-    del devices, params
-    b = float(workload.batch_size)
-    agg = float(quant.FLOAT_BITS) * at.client_params
+    """SFLAM's per-device ``A, C, D, H`` at each device's own cut and server share: SFL-V1's
+    round formula (``wireless.costs.round_loads``) on each device's own split, the server's part
+    at its share."""
+    own = Workload(
+        client_flops=at.client_flops,
+        server_flops=0.0,
+        values_per_sample=at.values,
+        client_params=at.client_params,
+        batch_size=workload.batch_size,
+    )
+    loads = round_loads(devices, steps, up_bits, own, params, down_bits)
     return {
-        "compute_s": at.compute_s + at.server_s,
-        "compute_j": at.compute_j,
-        "up_bits": steps * b * quant.payload_bits(up_bits, at.values) + agg,
-        "down_bits": steps * b * quant.payload_bits(down_bits, at.values) + agg,
+        "compute_s": loads["device_s"] + at.server_s,
+        "compute_j": loads["compute_j"],
+        "up_bits": loads["up_bits"],
+        "down_bits": loads["down_bits"],
     }
 
 
@@ -138,8 +144,7 @@ class _Joint:
         per = cuts.per_cut_times(self.problem, ones, ones, ones)  # rate-free parts only
         t = self.problem.table
         return _AtCuts(
-            compute_s=_pick(per["compute_s"], cut),
-            compute_j=_pick(per["compute_energy_j"], cut),
+            client_flops=t.client_flops[cut],
             server_s=_pick(per["server_work"], cut) / shares,
             client_params=t.client_params[cut],
             values=t.values[cut],
