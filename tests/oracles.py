@@ -193,14 +193,17 @@ def assert_close_through_rounding(got, want, unquantized, atol: float, share: fl
     ``atol`` (no flip), or the distance is at most ``share`` of the quantization's own effect
     (``want`` against ``unquantized``, the same training with float traffic): a flipped draw moves
     a few values by one step, while a wrong bit width, key or a skipped quantizer moves every
-    value by about the whole effect. Measured on the lanes case of test_sflam (20 steps, 8 bits):
-    the round against the loop 2.7e-4, the round from a start perturbed by 1.2e-7 relative 2.3e-5,
-    the quantization's effect 3.6; so the flips use about 1e-4 of the allowed share.
+    value by about the whole effect. ``unquantized`` may be a function that computes it.
+    Measured on the lanes case of test_sflam (20 steps, 8 bits): the round against the loop
+    2.7e-4, the round from a start perturbed by 1.2e-7 relative 2.3e-5, the quantization's effect
+    3.6; so the flips use about 1e-4 of the allowed share.
     """
     leaves = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
     off = sum(int(np.sum(~np.isclose(g, w, rtol=0, atol=atol))) for g, w in leaves)
     if off == 0:
         return
+    if callable(unquantized):  # computed only when a flip needs it (one more compiled round)
+        unquantized = unquantized()
     distance, effect = _distance(got, want), _distance(want, unquantized)
     assert distance <= share * effect, (
         f"{off} values differ by more than {atol}, and the distance {distance:.3g} is more than "

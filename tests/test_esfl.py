@@ -96,8 +96,11 @@ def test_mixed_cuts_equal_split_training_at_each_clients_cut(
     if min(bits) == 32 and down_bits == 32:
         chex.assert_trees_all_close(got, expected, atol=5e-5)
     else:
-        _, (float_c, float_s, float_stats, _), _ = _round(sizes, cuts, [32] * 3, 32, chunk)
-        unquantized = (split_lib.merge_params(float_c, float_s), float_stats[0] / float_stats[2])
+
+        def unquantized():
+            _, (float_c, float_s, stats, _), _ = _round(sizes, cuts, [32] * 3, 32, chunk)
+            return split_lib.merge_params(float_c, float_s), stats[0] / stats[2]
+
         assert_close_through_rounding(got, expected, unquantized, atol=5e-5)
     assert bool(np.all(health))
 

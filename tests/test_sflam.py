@@ -38,10 +38,12 @@ def test_round_matches_python_loop(sizes, cut, bits, down_bits, chunk):
     if min(bits) == 32 and down_bits == 32:
         chex.assert_trees_all_close(got, want, atol=1e-5)
     else:
-        floated, float_metrics = jax.jit(engine_of(model, pre, chunk_size=chunk).round)(
-            state, data, key, 32
-        )
-        unquantized = (floated.params_c, floated.params_s, float_metrics["train_loss"])
+
+        def unquantized():
+            float_round = jax.jit(engine_of(model, pre, chunk_size=chunk).round)
+            floated, float_metrics = float_round(state, data, key, 32)
+            return floated.params_c, floated.params_s, float_metrics["train_loss"]
+
         assert_close_through_rounding(got, want, unquantized, atol=1e-5)
     assert int(metrics["samples"]) == E * sum(sizes[c] for c in clients)
     assert int(new_state.round) == 1
@@ -118,8 +120,11 @@ def test_lanes_match_python_loop_and_waste_less(sizes, cut, bits, per_round, lan
     if bits == 32:
         chex.assert_trees_all_close(got, want, atol=1e-5)
     else:
-        floated, float_metrics = jax.jit(eng.round)(state, data, key, 32)
-        unquantized = (floated.params_c, floated.params_s, float_metrics["train_loss"])
+
+        def unquantized():
+            floated, float_metrics = jax.jit(eng.round)(state, data, key, 32)
+            return floated.params_c, floated.params_s, float_metrics["train_loss"]
+
         assert_close_through_rounding(got, want, unquantized, atol=1e-5)
     taus = [E * -(-sizes[k] // B) for k in clients]
     assert int(metrics["useful_client_steps"]) == sum(taus)
