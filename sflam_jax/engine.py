@@ -423,9 +423,7 @@ class Engine:
             "step_key": plan["keys"][jnp.zeros((c,), jnp.int32)],
             "index": index,
             "count": jnp.zeros((c,), jnp.int32),
-            "entry": jax.tree.map(
-                lambda e: jnp.broadcast_to(jnp.asarray(e), (c, *jnp.shape(e))), alg.empty_row()
-            ),
+            "entry": self.entries(plan, jnp.full((c,), -1, jnp.int32)),
             "tau": jnp.zeros((c,), jnp.int32),
             "t": jnp.zeros((c,), jnp.int32),
             "depth": jnp.full((c,), -1, jnp.int32),

@@ -31,21 +31,26 @@ def engine_of(model, pre, per_round=3, chunk_size=0, down_bits=32, cls=SFLV1, **
     return Engine(algorithm, per_round, chunk_size=chunk_size)
 
 
-def setup(sizes, cut_layer, seed=0):
-    cfg = vit.vit_config("tiny", image_size=14, channels=1, num_classes=3, patch_size=7)
-    model = split_lib.split(cfg, cut_layer)
-    params_c, params_s = split_lib.split_params(
-        vit.init_params(cfg, jax.random.key(seed)), cut_layer, cfg.depth
-    )
+def client_data(sizes, seed=0):
+    """Random 14 px grey images of 3 classes for clients of ``sizes``: ``(client table, images,
+    labels, parts)``."""
     rng = np.random.default_rng(seed)
     n = sum(sizes)
     images = rng.integers(0, 255, (n, 14, 14, 1)).astype(np.uint8)
     labels = rng.integers(0, 3, n).astype(np.int32)
     bounds = np.cumsum([0, *sizes])
     parts = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
-    data = make_client_data(images, labels, parts, B)
+    return make_client_data(images, labels, parts, B), images, labels, parts
+
+
+def setup(sizes, cut_layer, seed=0):
+    cfg = vit.vit_config("tiny", image_size=14, channels=1, num_classes=3, patch_size=7)
+    model = split_lib.split(cfg, cut_layer)
+    params_c, params_s = split_lib.split_params(
+        vit.init_params(cfg, jax.random.key(seed)), cut_layer, cfg.depth
+    )
     state = RoundState.create(params_c, params_s)
-    return model, state, data, images, labels, parts
+    return model, state, *client_data(sizes, seed)
 
 
 @functools.partial(jax.jit, static_argnums=0)

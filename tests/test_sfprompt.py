@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from oracles import LR, MOMENTUM, B, E, fedavg, sgd_momentum
+from oracles import LR, MOMENTUM, B, E, client_data, fedavg, sgd_momentum
 
 from sflam_jax import experiment, quant, train
 from sflam_jax.algorithms import sfprompt
 from sflam_jax.algorithms.base import Preprocess, RoundState, sample_clients
 from sflam_jax.allocation import IN_GRAPH, exact
 from sflam_jax.allocation import problem as pb
-from sflam_jax.data.batches import epoch_orders, make_client_data
+from sflam_jax.data.batches import epoch_orders
 from sflam_jax.engine import Engine
 from sflam_jax.errors import ConfigError
 from sflam_jax.models import vit
@@ -45,14 +45,7 @@ def setup(sizes, head_blocks=1, tail_blocks=0, seed=0):
     params_c, params_s = model.segments(
         vit.init_params(CFG, jax.random.key(seed)), jax.random.key(9)
     )
-    rng = np.random.default_rng(seed)
-    n = sum(sizes)
-    images = rng.integers(0, 255, (n, 14, 14, 1)).astype(np.uint8)
-    labels = rng.integers(0, 3, n).astype(np.int32)
-    bounds = np.cumsum([0, *sizes])
-    parts = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
-    data = make_client_data(images, labels, parts, B)
-    return model, RoundState.create(params_c, params_s), data, images, labels, parts
+    return model, RoundState.create(params_c, params_s), *client_data(sizes, seed)
 
 
 def _engine(
