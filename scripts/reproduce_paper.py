@@ -548,6 +548,8 @@ ESFL_DRAWS = 16
 def esfl_config(base, method: str, spread: float | None = None):
     c = base.copy_and_resolve_references()
     c.algorithm, c.allocation.method = "esfl", method
+    # The joint allocator chooses bits too; esfl_exact / esfl_ao keep quant.up_bits.
+    c.allocation.optimize_bits = method == "joint"
     return _with_spread(c, spread)
 
 

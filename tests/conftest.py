@@ -15,6 +15,11 @@ os.environ.setdefault(
     os.path.join(tempfile.gettempdir(), f"sflam_jax_tests_xla_cache_{os.getuid()}"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+# Most tests run tiny programs a few times: XLA's optimisation passes cost more than they save
+# (test_sflam.py: 123 s -> 89 s on 2 cores). Tests whose time is the programs' run time (the
+# float64 oracles, the real-weight ViT) carry the ``optimized`` mark and compile with the passes.
+# Subprocesses (the CLI, the notebooks' kernel, the meshes) inherit the setting.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -52,6 +57,22 @@ def write_idx_dir(directory: str, n_train=240, n_test=80, size=14, classes=4, se
     write_idx(os.path.join(directory, "t10k-images-idx3-ubyte.gz"), te_x)
     write_idx(os.path.join(directory, "t10k-labels-idx1-ubyte.gz"), te_y)
     return directory
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimizations(request):
+    """XLA's optimisation passes on for tests marked ``optimized`` (see the top of this file)."""
+    if request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,7 @@ def make_instances(key, num, s, w_t=None):
     return [jax.tree.map(lambda x, i=i: x[i], batch) for i in range(num)]
 
 
+@pytest.mark.optimized
 def test_exact_matches_brute_force_grid():
     n = 241
     for problem in make_instances(jax.random.key(0), 3, 2):
@@ -86,6 +87,7 @@ def test_exact_solution_structure():
 SIZES = [2, 5, 13, 34, 89, 200]
 
 
+@pytest.mark.optimized
 @pytest.mark.slow
 def test_pgd_within_tenth_of_a_percent_of_exact_on_500_instances():
     gaps = []
@@ -146,6 +148,7 @@ def test_pgd_and_bcd_with_free_bits_meet_the_budget_and_beat_equal():
             assert bool(jnp.all(diag["objective"] <= base["objective"] * (1 + 1e-6)))
 
 
+@pytest.mark.optimized
 def test_exact_bit_search_beats_uniform_bits_on_small_instances():
     (problem,) = make_instances(jax.random.key(5), 1, 2, w_t=0.5)
     best, diag = exact.allocate_bits_search(problem)

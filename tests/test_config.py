@@ -295,7 +295,10 @@ def test_head_lr_scale_steps_only_the_classifier_faster(name):
     )
     np.testing.assert_array_equal(scaled["head"]["norm"]["scale"], base["head"]["norm"]["scale"])
     np.testing.assert_allclose(
-        scaled["head"]["classifier"]["kernel"], fast["head"]["classifier"]["kernel"], rtol=1e-6
+        scaled["head"]["classifier"]["kernel"],
+        fast["head"]["classifier"]["kernel"],
+        rtol=1e-6,
+        atol=1e-6,  # Adam moves a weight of 1 to ~1e-5: a float32 ulp of the start (1.2e-7)
     )
     assert not np.allclose(
         scaled["head"]["classifier"]["kernel"], base["head"]["classifier"]["kernel"]

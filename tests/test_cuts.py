@@ -188,3 +188,33 @@ def test_joint_is_feasible_and_never_worse_than_esfl_or_sflam_at_a_fixed_cut(s):
         at = ref.links.replace(load_data=ref.at_cuts(allocation.cut, allocation.server_flops))
         _, best = exact.allocate_bits_search(at)
         assert float(diag["objective"]) <= float(best["objective"]) * 1.005
+
+
+def test_joint_with_fixed_bits_keeps_them_and_beats_both_starts():
+    """``allocation.optimize_bits = False``: every device stays at the given bits; the result is
+    never worse than ESFL's optimum at those bits, nor than pgd's power and bandwidth at the
+    config's cut with equal shares and those bits."""
+    from sflam_jax.allocation import joint, pgd
+
+    s, cut = 5, 1
+    problem, rho, weights, workload = _joint_setup(300, s)
+    bits = jnp.full((s,), 6.0)
+    allocation, diag = jax.jit(
+        lambda p, r, b: joint.allocate(p, r, weights, workload, cut, bits=b)
+    )(problem, rho, bits)
+    np.testing.assert_array_equal(allocation.bits, bits)
+    ref = joint._Joint(problem, rho, weights, workload, cut)
+    esfl, _ = cuts.exact(problem, bits)
+    assert float(diag["objective"]) <= float(ref.objective(esfl)) * (1 + 1e-6)
+    fixed = cuts.CutAllocation(
+        cut=jnp.full((s,), cut, jnp.int32),
+        server_flops=ref.equal,
+        power_w=jnp.zeros(s),
+        bandwidth_hz=jnp.zeros(s),
+        bits=bits,
+    )
+    at = ref.links.replace(load_data=ref.at_cuts(fixed.cut, fixed.server_flops))
+    links, _ = pgd.allocate(at, bits, joint.JointOptions().pgd)
+    np.testing.assert_array_equal(links.bits, bits)
+    sflam = fixed.replace(power_w=links.power_w, bandwidth_hz=links.bandwidth_hz)
+    assert float(diag["objective"]) <= float(ref.objective(sflam)) * (1 + 1e-6)

@@ -134,10 +134,14 @@ def test_cut_workload_follows_the_cut(tiny_config):
     assert w.client_params == w.cut_client_params[at]
 
 
-@pytest.mark.parametrize("method", ["esfl_exact", "esfl_ao", "joint"])
-def test_trains_through_the_trainer_at_the_chosen_cuts(tiny_config, tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "free_bits"),
+    [("esfl_exact", False), ("esfl_ao", False), ("joint", False), ("joint", True)],
+)
+def test_trains_through_the_trainer_at_the_chosen_cuts(tiny_config, tmp_path, method, free_bits):
     cfg = tiny_config
     cfg.algorithm, cfg.allocation.method, cfg.num_rounds = "esfl", method, 2
+    cfg.allocation.optimize_bits = free_bits
     cfg.allocation.pgd_steps = 100
     record = train.train_and_evaluate(cfg, str(tmp_path))
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))[1:]
@@ -148,8 +152,11 @@ def test_trains_through_the_trainer_at_the_chosen_cuts(tiny_config, tmp_path, me
     )
     if method != "joint":  # ESFL minimises the round time; the joint problem weighs energy too
         assert record["round_latency_s"] <= record["sfl_round_latency_s"] * (1 + 1e-6)
-    else:
+    if free_bits:  # the joint solver's bits meet the learning budget
         assert record["quant_error"] <= cfg.allocation.eps_q * (1 + 1e-6)
+    else:  # every device at the config's bits, whichever solver
+        for row in rows:
+            assert row["bits_min"] == row["bits_max"] == cfg.quant.up_bits
 
 
 def test_a_device_no_cut_fits_is_reported_not_a_crash(tiny_config, tmp_path, capsys):
@@ -180,6 +187,16 @@ def test_bad_esfl_fields_are_named(tiny_config, field, value, message):
     cfg.esfl[field] = value
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+def test_only_joint_chooses_bits(tiny_config):
+    cfg = tiny_config
+    cfg.algorithm, cfg.allocation.method = "esfl", "esfl_exact"
+    cfg.allocation.optimize_bits = True
+    with pytest.raises(ConfigError, match="allocation.optimize_bits=True is invalid with "):
+        validate(cfg)
+    cfg.allocation.method = "joint"
+    validate(cfg)
 
 
 def test_esfl_names_its_allocators(tiny_config):

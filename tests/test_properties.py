@@ -152,6 +152,7 @@ def problems(draw):
     )
 
 
+@pytest.mark.optimized
 @pytest.mark.slow
 @settings(max_examples=15, deadline=None, derandomize=True)
 @given(problems())

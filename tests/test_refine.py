@@ -50,6 +50,7 @@ def one(batch, i):
     return jax.tree.map(lambda x: x[i], batch)
 
 
+@pytest.mark.optimized
 @pytest.mark.slow
 def test_integer_bits_within_half_a_percent_of_exhaustive_search():
     num, s = 5, 4
@@ -62,6 +63,7 @@ def test_integer_bits_within_half_a_percent_of_exhaustive_search():
             assert values[i] >= float(best["objective"]) * (1 - 1e-4), (name, i)
 
 
+@pytest.mark.optimized
 @pytest.mark.slow
 def test_integer_bits_within_half_a_percent_of_a_local_search():
     num, s = 2, 8

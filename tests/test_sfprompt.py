@@ -11,7 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from oracles import LR, MOMENTUM, B, E, client_data, fedavg, sgd_momentum
+from oracles import (
+    LR,
+    MOMENTUM,
+    B,
+    E,
+    assert_close_through_rounding,
+    client_data,
+    fedavg,
+    sgd_momentum,
+)
 
 from sflam_jax import experiment, quant, train
 from sflam_jax.algorithms import sfprompt
@@ -40,8 +49,8 @@ CFG = vit.ViTConfig(
 )
 
 
-def setup(sizes, head_blocks=1, tail_blocks=0, seed=0):
-    model = UShape(CFG, prompt_len=2, head_blocks=head_blocks, tail_blocks=tail_blocks)
+def setup(sizes, head_blocks=1, tail_blocks=0, seed=0, prompt_len=2):
+    model = UShape(CFG, prompt_len=prompt_len, head_blocks=head_blocks, tail_blocks=tail_blocks)
     params_c, params_s = model.segments(
         vit.init_params(CFG, jax.random.key(seed)), jax.random.key(9)
     )
@@ -89,10 +98,22 @@ def _oracle_step(model, trainable, frozen, body, x, y):
     return loss, grads
 
 
-def oracle_round(model, state, images, labels, parts, key, per_round):
-    """One round with keep = 1, no local-loss phase, float traffic: each client from the global
-    prompts and tail, its samples in the order EL2N ranks them then shuffled per epoch as the
-    engine does, hand-written momentum SGD, FedAvg by samples."""
+@functools.partial(jax.jit, static_argnums=0)
+def _oracle_local_step(model, trainable, frozen, x, y):
+    """One local-loss step by hand: front -> tail (body skipped), batch-mean cross entropy."""
+
+    def loss(tr):
+        logits = model.local_logits({**frozen, **tr}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return jax.grad(loss)(trainable)
+
+
+def oracle_round(model, state, images, labels, parts, key, per_round, local_epochs=0):
+    """One round with keep = 1, float traffic: each client from the global prompts and tail, its
+    samples in the order EL2N ranks them (at the client's start), ``local_epochs`` epochs of the
+    local-loss phase then ``E`` split epochs, each shuffled per epoch as the engine does, one
+    hand-written momentum SGD state through both phases, FedAvg by samples."""
     sample_key, train_key = jax.random.split(key)
     clients = np.asarray(sample_clients(sample_key, len(parts), per_round))
     width = -(-max(len(p) for p in parts) // B) * B
@@ -106,10 +127,18 @@ def oracle_round(model, state, images, labels, parts, key, per_round):
         logits = model.local_logits(state.params_c, x_all)
         scores = np.asarray(sfprompt.el2n(logits, jnp.asarray(labels[part])))
         ranked = np.argsort(-scores, kind="stable")
-        _, k_split, _, _ = jax.random.split(jax.random.fold_in(train_key, int(k)), 4)
-        orders = np.asarray(epoch_orders(k_split, jnp.int32(n), width, E))
+        k_local, k_split, _, _ = jax.random.split(jax.random.fold_in(train_key, int(k)), 4)
         tr = trainable0
         mom = jax.tree.map(jnp.zeros_like, tr)
+        if local_epochs:
+            local = np.asarray(epoch_orders(k_local, jnp.int32(n), width, local_epochs))
+            for e in range(local_epochs):
+                perm = ranked[local[e][:n]]
+                for t in range(-(-n // B)):
+                    rows = part[perm[t * B : (t + 1) * B]]
+                    x, y = PRE(jnp.asarray(images[rows])), jnp.asarray(labels[rows])
+                    tr, mom = sgd_momentum(tr, mom, _oracle_local_step(model, tr, frozen, x, y))
+        orders = np.asarray(epoch_orders(k_split, jnp.int32(n), width, E))
         for e in range(E):
             perm = ranked[orders[e][:n]]
             for t in range(-(-n // B)):
@@ -141,6 +170,147 @@ def test_round_matches_explicit_vjp_reference(tail_blocks, per_round):
     chex.assert_trees_all_equal(new.params_s, state.params_s)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new.params_c, state.params_c)
     assert moved["prompts"] > 0 and max(jax.tree.leaves(moved["head"])) > 1e-3
+
+
+def _probe_oracle(features, scored, labels, parts, head, rounds, per_round, key):
+    """Federated linear probe in plain JAX (no project code but the shared sample and shuffle
+    draws): per client from the global final norm + classifier, its samples ranked by EL2N
+    (hardest first, keep 1; scored, as the engine does, with the body skipped: the classifier
+    on ``scored``, the embedding's class tokens) then shuffled per epoch, momentum SGD on the
+    batch-mean cross entropy, FedAvg by samples; ``features`` are the frozen class tokens at
+    the body's end ``[N, D]``."""
+
+    def logits(h, x):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        z = (x - mu) / jnp.sqrt(var + CFG.layer_norm_eps) * h["norm"]["scale"] + h["norm"]["bias"]
+        return z @ h["classifier"]["kernel"] + h["classifier"]["bias"]
+
+    def loss(h, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits(h, x), y).mean()
+
+    grad = jax.jit(jax.grad(loss))
+    sgd = optax.sgd(LR, momentum=MOMENTUM)
+    width = -(-max(len(p) for p in parts) // B) * B
+    for r in range(rounds):
+        sample_key, train_key = jax.random.split(jax.random.fold_in(key, r))
+        clients = np.asarray(sample_clients(sample_key, len(parts), per_round))
+        finals, sizes = [], []
+        for k in clients:
+            part = parts[k]
+            n = len(part)
+            p = np.asarray(jax.nn.softmax(logits(head, scored[part]), -1))
+            scores = np.linalg.norm(p - np.eye(CFG.num_classes)[labels[part]], axis=-1)
+            ranked = np.argsort(-scores, kind="stable")
+            _, k_split, _, _ = jax.random.split(jax.random.fold_in(train_key, int(k)), 4)
+            orders = np.asarray(epoch_orders(k_split, jnp.int32(n), width, E))
+            h, opt = head, sgd.init(head)
+            for e in range(E):
+                perm = ranked[orders[e][:n]]
+                for t in range(-(-n // B)):
+                    rows = part[perm[t * B : (t + 1) * B]]
+                    updates, opt = sgd.update(grad(h, features[rows], labels[rows]), opt)
+                    h = optax.apply_updates(h, updates)
+            finals.append(h)
+            sizes.append(n)
+        head = jax.tree.map(jnp.float32, fedavg(sizes, finals))
+    return head
+
+
+def test_no_prompts_no_front_blocks_is_a_federated_linear_probe():
+    """``prompt_len = 0``, ``head_blocks = 0``, keep 1, no local-loss phase, float crossings:
+    three rounds of the engine equal a plain FedAvg of the final norm + classifier on the frozen
+    class tokens, precomputed once (1e-5); the frozen parts come back bit-identical."""
+    sizes = [7, 13, 3, 10, 5]
+    model, state, data, images, labels, parts = setup(sizes, head_blocks=0, prompt_len=0)
+    front = model.front(state.params_c, PRE(jnp.asarray(images)))
+    features, scored = model.body(state.params_s, front)[:, 0], front[:, 0]
+    key = jax.random.key(11)
+    round_fn = jax.jit(_engine(model, 2).round)
+    new = state
+    for r in range(3):
+        new = new.replace(round=jnp.int32(r))
+        new, _ = round_fn(new, data, jax.random.fold_in(key, r), 32)
+    want = _probe_oracle(features, scored, labels, parts, state.params_c["head"], 3, 2, key)
+    chex.assert_trees_all_close(new.params_c["head"], want, atol=1e-5)
+    assert (
+        max(
+            jax.tree.leaves(
+                jax.tree.map(
+                    lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                    new.params_c["head"],
+                    state.params_c["head"],
+                )
+            )
+        )
+        > 1e-3
+    )
+    chex.assert_trees_all_equal(new.params_c["embedding"], state.params_c["embedding"])
+    chex.assert_trees_all_equal(new.params_s, state.params_s)
+
+
+def test_local_loss_phase_matches_a_plain_loop():
+    """Two clients with one local-loss epoch before the split phase (keep 1, float traffic): the
+    round equals the plain loop (local steps through front -> tail, then split steps, one
+    momentum state)."""
+    sizes = [9, 14, 6]
+    model, state, data, images, labels, parts = setup(sizes)
+    key = jax.random.key(21)
+    engine = _engine(model, 2, local_loss_epochs=1)
+    new, metrics = jax.jit(engine.round)(state, data, key, 32)
+    clients, ref, ref_loss = oracle_round(
+        model, state, images, labels, parts, key, 2, local_epochs=1
+    )
+    np.testing.assert_array_equal(metrics["clients"], clients)
+    chex.assert_trees_all_close(model.pick(new.params_c, model.trainable_keys), ref, atol=1e-5)
+    np.testing.assert_allclose(metrics["train_loss"], ref_loss, rtol=1e-5)
+    # The phase did something: the same round without it ends elsewhere.
+    without, _ = jax.jit(_engine(model, 2).round)(state, data, key, 32)
+    assert float(jnp.max(jnp.abs(without.params_c["prompts"] - new.params_c["prompts"]))) > 1e-4
+
+
+def test_quantized_crossings_are_the_quantizer_applied_by_hand():
+    """8-bit uplink, float downlink: the split loss's gradient equals the explicit-vjp step with
+    ``stochastic_quantize`` applied by hand to the front's output (its key: the first half of the
+    step key's first half) and to the tail-input gradient sent up (the second half of the second
+    half); the float crossings pass values through unchanged."""
+    model, state, data, images, labels, _ = setup([8], tail_blocks=1)
+    alg = _engine(model, 1).algorithm  # down_bits = 32
+    trainable = model.pick(state.params_c, model.trainable_keys)
+    frozen = model.pick(state.params_c, model.frozen_keys)
+    body = state.params_s
+    x, y = PRE(jnp.asarray(images)), jnp.asarray(labels)
+    key = jax.random.key(5)
+    mask = jnp.ones((8,), bool)
+
+    def got(tr):
+        return alg.split_loss(tr, frozen, body, images, labels, mask, 8, key)[0]
+
+    loss, grads = jax.value_and_grad(got)(trainable)
+
+    def by_hand(bits):
+        k_front, k_back = jax.random.split(key)
+        up_front, _ = jax.random.split(k_front)
+        _, down_back = jax.random.split(k_back)
+        front, front_vjp = jax.vjp(lambda tr: model.front({**frozen, **tr}, x), trainable)
+        received = quant.stochastic_quantize(front, bits, up_front)
+        out, body_vjp = jax.vjp(lambda h: model.body(body, h), received)
+
+        def tail_loss(tr, z):
+            logits = model.tail({**frozen, **tr}, z)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        value, (g_tail, g_z) = jax.value_and_grad(tail_loss, argnums=(0, 1))(trainable, out)
+        (g_front,) = body_vjp(quant.stochastic_quantize(g_z, bits, down_back))
+        (g_prompts,) = front_vjp(g_front)
+        return value, jax.tree.map(jnp.add, g_tail, g_prompts)
+
+    want_loss, want = by_hand(8)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    assert_close_through_rounding(grads, want, lambda: by_hand(32)[1], atol=1e-6)
+    # The quantizer mattered: float crossings give another gradient.
+    _, floats = by_hand(32)
+    assert float(jnp.max(jnp.abs(floats["prompts"] - want["prompts"]))) > 1e-6
 
 
 def test_vmapped_round_equals_a_loop_over_clients():
@@ -190,6 +360,31 @@ def test_local_loss_phase_reaches_the_prompts_through_the_head(head_blocks, move
         trainable
     )
     assert (float(jnp.max(jnp.abs(grads["prompts"]))) > 0) == moves
+
+
+def test_a_separate_local_head_keeps_the_tail_out_of_the_local_loss():
+    """``sfprompt.local_head = "separate"``: the body-skipping loss moves the prompts and the
+    local classifier, never the tail's; the local classifier starts as a copy of the tail's and
+    the split loss never reads it."""
+    model, state, data, images, labels, _ = setup([8])
+    model = UShape(CFG, 2, 1, 0, local_head=True)
+    params_c, _ = model.segments(vit.init_params(CFG, jax.random.key(0)), jax.random.key(9))
+    chex.assert_trees_all_equal(params_c["local_head"], params_c["head"])
+    alg = _engine(model, 1).algorithm
+    trainable = model.pick(params_c, model.trainable_keys)
+    frozen = model.pick(params_c, model.frozen_keys)
+    mask = jnp.ones((8,), bool)
+    local = jax.grad(lambda tr: alg.local_loss(tr, frozen, images, labels, mask, 32, None)[0])
+    grads = local(trainable)
+    assert float(jnp.max(jnp.abs(grads["prompts"]))) > 0
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["local_head"])) > 0
+    assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(grads["head"]))
+    body = state.params_s
+    split = jax.grad(
+        lambda tr: alg.split_loss(tr, frozen, body, images, labels, mask, 32, jax.random.key(1))[0]
+    )
+    grads = split(trainable)
+    assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(grads["local_head"]))
 
 
 def test_server_forms_no_weight_gradient():
@@ -403,7 +598,7 @@ def test_trains_through_the_trainer_and_reports_its_costs(tiny_config, tmp_path)
     [
         ("sfprompt.keep", 0.0, r"sfprompt.keep=0.0 is invalid: must be in \(0, 1\]"),
         ("sfprompt.keep", 1.5, r"sfprompt.keep=1.5 is invalid"),
-        ("sfprompt.prompt_len", 0, r"sfprompt.prompt_len=0 is invalid: must be an integer >= 1"),
+        ("sfprompt.prompt_len", -1, r"sfprompt.prompt_len=-1 is invalid: must be an integer >= 0"),
         ("sfprompt.tail_blocks", 1, r"sfprompt.head_blocks=1 \+ sfprompt.tail_blocks=1 is invalid"),
     ],
 )

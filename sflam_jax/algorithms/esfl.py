@@ -64,6 +64,13 @@ def validate(cfg) -> None:
     if low > high:
         fields.fail("esfl.memory_min_bytes", low, f"must be <= esfl.memory_max_bytes={high!r}")
     fields.integer(cfg, "esfl.alternations", 1)
+    if cfg.allocation.optimize_bits and cfg.allocation.method != "joint":
+        raise ConfigError(
+            f"allocation.optimize_bits=True is invalid with allocation.method="
+            f"{cfg.allocation.method!r}: it keeps every device at quant.up_bits (it chooses cuts "
+            "and server shares only); allowed: allocation.method='joint' (cuts, shares, power, "
+            "bandwidth and bits) or allocation.optimize_bits=False"
+        )
     if not cfg.model.pretrained:
         from sflam_jax.models.vit import PRESETS
 
@@ -211,6 +218,9 @@ PROTOCOL = Protocol(
     quantized_cut=True,
     aqt=True,
     allocators=CUT_SOLVERS,
+    # ``joint`` chooses bits with ``allocation.optimize_bits``; esfl_exact / esfl_ao cannot
+    # (``CutPlanner`` says so).
+    optimizes_bits=True,
     config_block=config_block,
     validate=validate,
     options=CutOptions,

@@ -56,18 +56,22 @@ from sflam_jax.wireless.costs import Workload, loads_costs
 
 def config_block() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.prompt_len = 10  # soft prompt tokens, inserted after the class token
+    c.prompt_len = 10  # soft prompt tokens, inserted after the class token (0: none)
     c.head_blocks = 1  # blocks on the device before the body
     c.tail_blocks = 0  # blocks on the device after the body (0: the body sends the class token)
     c.keep = 0.5  # EL2N: the hardest floor(keep * n_k) samples of a client train
     c.local_epochs = 1  # epochs of the local-loss phase (front -> tail, no body); 0 = none
+    # What the body-skipping path (EL2N scores, local-loss phase) classifies with: "tail" (the
+    # paper's head -> tail shortcut) or "separate" (its own averaged classifier; the tail then
+    # sees only the body's features).
+    c.local_head = "tail"
     c.prune_first_round = False  # the first round keeps all samples unless set
     return c
 
 
 def validate(cfg) -> None:
     for field, low in (
-        ("prompt_len", 1),
+        ("prompt_len", 0),
         ("head_blocks", 0),
         ("tail_blocks", 0),
         ("local_epochs", 0),
@@ -77,6 +81,7 @@ def validate(cfg) -> None:
         cfg, "sfprompt.keep", 0, 1, open_lo=True, why="the fraction of a client's samples kept"
     )
     fields.boolean(cfg, "sfprompt.prune_first_round")
+    fields.choice(cfg, "sfprompt.local_head", ("tail", "separate"))
     if not cfg.model.pretrained:
         from sflam_jax.models.vit import PRESETS
 
@@ -113,7 +118,7 @@ def build(cfg, model_cfg) -> UShape:
     """The U-shaped split of the config's architecture."""
     check_depth(cfg, model_cfg.depth)
     p = cfg.sfprompt
-    return UShape(model_cfg, p.prompt_len, p.head_blocks, p.tail_blocks)
+    return UShape(model_cfg, p.prompt_len, p.head_blocks, p.tail_blocks, p.local_head == "separate")
 
 
 def el2n(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -20,7 +20,9 @@ with ``T_ref``, ``E_ref`` at the config's cut, equal server shares, equal bandwi
 A block's result is kept only when it lowers the objective. Two starts, the best end kept: the
 config's cut with equal shares (so the result is never worse than SFLAM's allocator at a fixed
 cut) and ESFL's optimum (``cuts.exact``; never worse than it either, both at the smallest bits
-that meet the budget).
+that meet the budget). With bits fixed (``allocate(..., bits=...)``, the protocol's
+``allocation.optimize_bits = False``) the links block chooses power and bandwidth only and both
+starts use those bits.
 """
 
 from __future__ import annotations
@@ -99,8 +101,11 @@ def _pick(matrix, cut):
 class _Joint:
     """One instance: the cut problem, its data weights and objective, the references."""
 
-    def __init__(self, problem: cuts.CutProblem, rho, weights: Weights, workload: Workload, cut):
+    def __init__(
+        self, problem: cuts.CutProblem, rho, weights: Weights, workload: Workload, cut, bits=None
+    ):
         self.problem, self.rho, self.weights, self.workload = problem, rho, weights, workload
+        self.bits = bits  # [S] fixed cut-layer bits, or None: the links block chooses them
         s = problem.num_devices
         p = problem.params
         self.equal = jnp.full((s,), p.server_flops / s)
@@ -151,11 +156,11 @@ class _Joint:
         )
 
     def links_block(self, allocation: cuts.CutAllocation, options: JointOptions):
-        """Power, bandwidth and bits for the allocation's cuts and shares (pgd, free bits)."""
+        """Power, bandwidth and bits (unless fixed) for the allocation's cuts and shares (pgd)."""
         problem = self.links.replace(
             load_data=self.at_cuts(allocation.cut, allocation.server_flops)
         )
-        links, _ = pgd.allocate(problem, None, options.pgd)
+        links, _ = pgd.allocate(problem, self.bits, options.pgd)
         return allocation.replace(
             power_w=links.power_w, bandwidth_hz=links.bandwidth_hz, bits=links.bits
         )
@@ -220,6 +225,7 @@ def allocate(
     workload: Workload,
     cut: int,
     options: JointOptions = JointOptions(),
+    bits: jax.Array | None = None,
 ) -> tuple[cuts.CutAllocation, dict]:
     """The joint allocation (module docstring).
 
@@ -231,16 +237,19 @@ def allocate(
         every cut of a ViT).
       cut: index into the candidates of the config's cut (the references and a start).
       options: descent settings.
+      bits: ``[S]`` cut-layer bits kept fixed (the links block then chooses power and bandwidth
+        only, as SFLAM's allocators do with fixed bits), or None: free bits, the starts at the
+        smallest bits that meet the learning budget.
 
     Returns:
       ``(CutAllocation, diagnostics)``: ``objective``, ``quant_error``, ``feasible`` (budget
       and memory), ``infeasible_device`` (the first device whose memory fits no cut; -1: none),
       ``history`` (``[2, rounds]``, the objective of each start after each round).
     """
-    joint = _Joint(problem, rho, weights, workload, cut)
+    joint = _Joint(problem, rho, weights, workload, cut, bits)
     s = problem.num_devices
     p = problem.params
-    smallest = smallest_bits(joint.links)
+    smallest = smallest_bits(joint.links) if bits is None else jnp.asarray(bits, jnp.float32)
     fixed = cuts.CutAllocation(
         cut=jnp.full((s,), cut, jnp.int32),
         server_flops=joint.equal,

@@ -159,6 +159,8 @@ class CutPlanner(RoundPlanner):
                 f"allocation.method={self.method!r} is unknown for per-device cuts; allowed: "
                 f"{list(CUT_SOLVERS)}"
             )
+        if self.fixed_bits is None and self.method != "joint":  # ESFL's validation says it first
+            raise ValueError(f"allocation.method={self.method!r} needs fixed bits")
 
     def problem(self, key: jax.Array, steps: jax.Array) -> cuts.CutProblem:
         """The round's instance: the devices' channels, clocks and memory limits."""
@@ -184,7 +186,7 @@ class CutPlanner(RoundPlanner):
         hands the cuts (``[S]`` layers) to the training."""
         s = steps.shape[0]
         problem = self.problem(key, steps)
-        bits = jnp.full((s,), float(self.fixed_bits), jnp.float32)
+        bits = None if self.fixed_bits is None else jnp.full((s,), self.fixed_bits, jnp.float32)
         extra = {}
         if self.method == "esfl_exact":
             allocation, diag = cuts.exact(problem, bits)
@@ -195,7 +197,7 @@ class CutPlanner(RoundPlanner):
             at = self.workload.cuts.index(self.workload.cut_layer)
             options = joint.JointOptions(pgd=self.pgd)
             allocation, diag = joint.allocate(
-                problem, rho, self.weights, self.workload, at, options
+                problem, rho, self.weights, self.workload, at, options, bits
             )
             extra = {"objective": diag["objective"], "quant_error": diag["quant_error"]}
         costs = cuts.round_costs(problem, allocation)

@@ -10,6 +10,10 @@ The device holds both ends of the model, the server the middle:
 Only the prompts and the tail train. Parameters keep the ViT's names, plus ``"prompts"``
 ``[prompt_len, D]``: the device's tree is ``{"embedding", "prompts", head blocks, tail blocks,
 "head"}`` and the server's the body blocks, so a pretrained checkpoint splits without renaming.
+With ``local_head`` the device also holds ``"local_head"``, a second final norm + classifier
+(started as a copy of ``"head"``) that reads the front's class token: the body-skipping path
+(``local_logits``: EL2N scores, the local-loss phase) goes through it instead of the tail, so the
+tail's classifier only ever sees the body's features.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 from sflam_jax.models.vit import Block, Embedding, Head, ViTConfig, block_names
 
 PROMPTS = "prompts"
+LOCAL_HEAD = "local_head"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +39,15 @@ class UShape:
       prompt_len: soft prompt tokens.
       head_blocks: blocks on the device before the body.
       tail_blocks: blocks on the device after the body.
+      local_head: the body-skipping path has its own classifier (module docstring); False: it
+        goes through the tail (the paper's head -> tail shortcut).
     """
 
     cfg: ViTConfig
     prompt_len: int
     head_blocks: int
     tail_blocks: int
+    local_head: bool = False
 
     def __post_init__(self):
         if self.head_blocks < 0 or self.tail_blocks < 0:
@@ -70,8 +78,9 @@ class UShape:
 
     @property
     def trainable_keys(self) -> list[str]:
-        """The device entries that train: prompts, tail blocks, final norm and classifier."""
-        return [PROMPTS, *self.tail_names, "head"]
+        """The device entries that train: prompts, tail blocks, final norm and classifier (and
+        the local classifier)."""
+        return [PROMPTS, *self.tail_names, "head", *([LOCAL_HEAD] if self.local_head else [])]
 
     @property
     def frozen_keys(self) -> list[str]:
@@ -91,6 +100,8 @@ class UShape:
         ``key``."""
         device = {k: params[k] for k in (*self.frozen_keys, *self.tail_names, "head")}
         device[PROMPTS] = self.init_prompts(key)
+        if self.local_head:
+            device[LOCAL_HEAD] = params["head"]
         return device, {k: params[k] for k in self.body_names}
 
     @staticmethod
@@ -146,6 +157,9 @@ class UShape:
         return self.tail(params_c, self.body(params_s, self.front(params_c, images)))
 
     def local_logits(self, params_c: dict, images: jax.Array) -> jax.Array:
-        """``tail(front(x))`` with the body skipped (EL2N scores and the local-loss phase)."""
+        """``tail(front(x))`` with the body skipped (EL2N scores and the local-loss phase); with
+        ``local_head``, the local classifier on the front's class token instead."""
         x = self.front(params_c, images)
+        if self.local_head:
+            return Head(self.cfg).apply({"params": params_c[LOCAL_HEAD]}, x)
         return self.tail(params_c, x[:, :1] if self.tail_blocks == 0 else x)
