@@ -80,7 +80,8 @@ class UShape:
     def trainable_keys(self) -> list[str]:
         """The device entries that train: prompts, tail blocks, final norm and classifier (and
         the local classifier)."""
-        return [PROMPTS, *self.tail_names, "head", *([LOCAL_HEAD] if self.local_head else [])]
+        prompts = [PROMPTS] if self.prompt_len else []
+        return [*prompts, *self.tail_names, "head", *([LOCAL_HEAD] if self.local_head else [])]
 
     @property
     def frozen_keys(self) -> list[str]:
@@ -99,7 +100,8 @@ class UShape:
         """``(device tree, body tree)`` from a whole ViT tree; the prompts are drawn from
         ``key``."""
         device = {k: params[k] for k in (*self.frozen_keys, *self.tail_names, "head")}
-        device[PROMPTS] = self.init_prompts(key)
+        if self.prompt_len:  # no entry without prompts (checkpoints hold no empty arrays)
+            device[PROMPTS] = self.init_prompts(key)
         if self.local_head:
             device[LOCAL_HEAD] = params["head"]
         return device, {k: params[k] for k in self.body_names}
@@ -131,8 +133,10 @@ class UShape:
     def front(self, params_c: dict, images: jax.Array) -> jax.Array:
         """Embedding, prompts and head blocks: ``[B, H, W, C] -> [B, T + prompts, D]``."""
         x = Embedding(self.cfg).apply({"params": params_c["embedding"]}, images)
-        prompts = jnp.broadcast_to(params_c[PROMPTS], (x.shape[0], *params_c[PROMPTS].shape))
-        x = jnp.concatenate([x[:, :1], prompts.astype(x.dtype), x[:, 1:]], axis=1)
+        if self.prompt_len:
+            prompts = params_c[PROMPTS]
+            prompts = jnp.broadcast_to(prompts, (x.shape[0], *prompts.shape)).astype(x.dtype)
+            x = jnp.concatenate([x[:, :1], prompts, x[:, 1:]], axis=1)
         return self._blocks(params_c, self.head_names, x)
 
     def body(self, params_s: dict, x: jax.Array) -> jax.Array:
