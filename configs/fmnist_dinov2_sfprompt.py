@@ -9,9 +9,9 @@ every round), with SFPrompt's U-shaped split: 10 prompt tokens and the patch emb
 block on the device, the other 11 blocks frozen on the server, the final norm and a new
 zero-initialised 10-class head on the device.
 
-Where it departs from the paper's defaults (Adam at 1e-3 for prompts, final norm and head; keep
-1; no local-loss phase; a separate local classifier when the phase is on), docs/sfprompt.md says
-why, with the ablation.
+Where it departs from the paper's defaults (Adam at 1e-3 for prompts, final norm and head;
+keep 1; no local-loss phase; a separate local classifier, so that turning the phase on keeps the
+tail out of it), docs/sfprompt.md says why, with the ablation.
 """
 
 import ml_collections

@@ -147,9 +147,28 @@ def _joint_setup(seed, s):
     return problem, rho, weights, workload
 
 
+def _sflam_at_a_fixed_cut(ref, s, cut, start_bits, fixed_bits):
+    """SFLAM's allocator (pgd; free bits when ``fixed_bits`` is None) at ``cut`` for every device
+    with equal server shares, as a cut allocation, and pgd's diagnostics."""
+    from sflam_jax.allocation import joint, pgd
+
+    fixed = cuts.CutAllocation(
+        cut=jnp.full((s,), cut, jnp.int32),
+        server_flops=ref.equal,
+        power_w=jnp.zeros(s),
+        bandwidth_hz=jnp.zeros(s),
+        bits=start_bits,
+    )
+    at = ref.links.replace(load_data=ref.at_cuts(fixed.cut, fixed.server_flops))
+    links, diag = pgd.allocate(at, fixed_bits, joint.JointOptions().pgd)
+    return fixed.replace(
+        power_w=links.power_w, bandwidth_hz=links.bandwidth_hz, bits=links.bits
+    ), diag
+
+
 @pytest.mark.parametrize("s", [3, 8])
 def test_joint_is_feasible_and_never_worse_than_esfl_or_sflam_at_a_fixed_cut(s):
-    from sflam_jax.allocation import joint, pgd
+    from sflam_jax.allocation import joint
     from sflam_jax.allocation import problem as pb
 
     problem, rho, weights, workload = _joint_setup(200 + s, s)
@@ -171,16 +190,7 @@ def test_joint_is_feasible_and_never_worse_than_esfl_or_sflam_at_a_fixed_cut(s):
     esfl, _ = cuts.exact(problem, smallest)
     assert float(diag["objective"]) <= float(ref.objective(esfl)) * (1 + 1e-6)
     # SFLAM's allocator (pgd, free bits) at the fixed cut with equal server shares.
-    fixed = cuts.CutAllocation(
-        cut=jnp.full((s,), cut, jnp.int32),
-        server_flops=ref.equal,
-        power_w=jnp.zeros(s),
-        bandwidth_hz=jnp.zeros(s),
-        bits=smallest,
-    )
-    at = ref.links.replace(load_data=ref.at_cuts(fixed.cut, fixed.server_flops))
-    links, links_diag = pgd.allocate(at, None, joint.JointOptions().pgd)
-    sflam = fixed.replace(power_w=links.power_w, bandwidth_hz=links.bandwidth_hz, bits=links.bits)
+    sflam, links_diag = _sflam_at_a_fixed_cut(ref, s, cut, smallest, None)
     np.testing.assert_allclose(ref.objective(sflam), links_diag["objective"], rtol=1e-5)
     assert float(diag["objective"]) <= float(ref.objective(sflam)) * (1 + 1e-6)
     if s <= 4:
@@ -194,7 +204,7 @@ def test_joint_with_fixed_bits_keeps_them_and_beats_both_starts():
     """``allocation.optimize_bits = False``: every device stays at the given bits; the result is
     never worse than ESFL's optimum at those bits, nor than pgd's power and bandwidth at the
     config's cut with equal shares and those bits."""
-    from sflam_jax.allocation import joint, pgd
+    from sflam_jax.allocation import joint
 
     s, cut = 5, 1
     problem, rho, weights, workload = _joint_setup(300, s)
@@ -206,15 +216,6 @@ def test_joint_with_fixed_bits_keeps_them_and_beats_both_starts():
     ref = joint._Joint(problem, rho, weights, workload, cut)
     esfl, _ = cuts.exact(problem, bits)
     assert float(diag["objective"]) <= float(ref.objective(esfl)) * (1 + 1e-6)
-    fixed = cuts.CutAllocation(
-        cut=jnp.full((s,), cut, jnp.int32),
-        server_flops=ref.equal,
-        power_w=jnp.zeros(s),
-        bandwidth_hz=jnp.zeros(s),
-        bits=bits,
-    )
-    at = ref.links.replace(load_data=ref.at_cuts(fixed.cut, fixed.server_flops))
-    links, _ = pgd.allocate(at, bits, joint.JointOptions().pgd)
-    np.testing.assert_array_equal(links.bits, bits)
-    sflam = fixed.replace(power_w=links.power_w, bandwidth_hz=links.bandwidth_hz)
+    sflam, _ = _sflam_at_a_fixed_cut(ref, s, cut, bits, bits)
+    np.testing.assert_array_equal(sflam.bits, bits)
     assert float(diag["objective"]) <= float(ref.objective(sflam)) * (1 + 1e-6)
