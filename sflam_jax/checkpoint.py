@@ -32,6 +32,7 @@ RUN_CONTROL_FIELDS = frozenset(
     {
         "num_rounds",
         "eval_every",
+        "eval_from",
         "data.idx_dir",
         "data.data_dir",
         "data.download",

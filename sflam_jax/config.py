@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm = "sflam"  # a protocol of algorithms.registry (docs/protocols.md)
     c.num_rounds = 80
     c.eval_every = 5
+    c.eval_from = 0  # no test metrics before this round (the last round is always evaluated)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "idx"  # "idx": a directory of MNIST-layout IDX files; "tfds": data.name

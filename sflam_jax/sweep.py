@@ -286,6 +286,7 @@ def run_group(cfgs: list, directories: list[str], progress: bool = True) -> None
             base.num_rounds,
             num_rounds=base.num_rounds,
             eval_every=base.eval_every,
+            eval_from=base.eval_from,
             evaluate=point_eval,
             split=lambda metrics: [{k: v[i] for k, v in metrics.items()} for i in range(len(cfgs))],
             check=check,

@@ -56,6 +56,7 @@ def run_rounds(
     num_rounds: int,
     eval_every: int,
     evaluate,
+    eval_from: int = 0,
     split,
     check,
     write,
@@ -74,6 +75,8 @@ def run_rounds(
       eval_every: test metrics every that many rounds (0: only the last) and, from round 0, of
         the starting model.
       evaluate: ``state -> [dict]`` test metrics, one dict per run (the sweep's points).
+      eval_from: no evaluation before this round (round 0 included when it is above 0); the last
+        round is evaluated all the same.
       split: host metrics -> ``[dict]``, one per run.
       check: ``(health, metrics, round) -> None``; raises to stop before the round is written.
       write: ``(records, timing) -> None``.
@@ -86,7 +89,7 @@ def run_rounds(
     """
     t_start = time.perf_counter()
     records, last_eval = None, [{}]
-    if start == 0 and eval_every:
+    if start == 0 and eval_every and eval_from == 0:
         # Round 0: the starting model (the checkpoint's accuracy when fine-tuning).
         last_eval = evaluate(state)
         records = [{"round": 0, **e} for e in last_eval]
@@ -99,7 +102,7 @@ def run_rounds(
         t1 = time.perf_counter()
         records = [{"round": r + 1, **m} for m in split(metrics)]
         done = r + 1 == num_rounds or finished(state)
-        if done or (eval_every and (r + 1) % eval_every == 0):
+        if done or (eval_every and r + 1 >= eval_from and (r + 1) % eval_every == 0):
             last_eval = evaluate(state)
             for record, e in zip(records, last_eval, strict=True):
                 record.update(e)
@@ -224,6 +227,7 @@ def train_and_evaluate(
             end,
             num_rounds=config.num_rounds,
             eval_every=config.eval_every,
+            eval_from=config.eval_from,
             evaluate=lambda st: [evaluate_state(evaluate, st, test_images, test_labels)],
             split=lambda metrics: [metrics],
             check=check,

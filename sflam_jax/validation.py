@@ -48,6 +48,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     protocol = registry.get(cfg.algorithm)
     fields.integer(cfg, "num_rounds", 1)
     fields.integer(cfg, "eval_every", 0)
+    fields.integer(cfg, "eval_from", 0)
     fields.choice(cfg, "data.source", ("idx", "tfds"))
     fields.integer(cfg, "data.num_clients", 1)
     fields.choice(cfg, "data.partition", ("dirichlet", "iid"))

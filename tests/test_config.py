@@ -44,6 +44,7 @@ BAD = [
     ("model.patch_size", -4, "model.patch_size=-4"),
     ("model.layer_norm_eps", 0.0, "model.layer_norm_eps=0.0"),
     ("eval_every", -1, "eval_every=-1"),
+    ("eval_from", -1, "eval_from=-1"),
     ("train.eval_batch_size", 0, "train.eval_batch_size=0"),
     ("optimizer.weight_decay", -1e-4, "optimizer.weight_decay=-0.0001"),
     ("wireless.shadowing_std_db", -2.0, "wireless.shadowing_std_db=-2.0"),

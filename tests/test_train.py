@@ -148,3 +148,32 @@ def test_allocation_in_the_round(reference_run, tmp_path):
     with open(tmp_path / "system.json") as f:
         system = json.load(f)
     assert 0 < system["sflam_device_memory_mib"] < system["fl_device_memory_mib"]
+
+
+@pytest.mark.parametrize(
+    "every,start_at,evaluated",
+    [(1, 0, [0, 1, 2, 3, 4, 5]), (2, 0, [0, 2, 4, 5]), (1, 3, [3, 4, 5]), (2, 3, [4, 5]), (0, 2, [5])],
+)
+def test_evaluation_cadence(every, start_at, evaluated):
+    """``eval_every`` and ``eval_from``: which rounds get test metrics (the last one always)."""
+    seen, written = [], []
+
+    def evaluate(state):
+        seen.append(state)
+        return [{"test_accuracy": 0.5}]
+
+    train.run_rounds(
+        lambda state, r: (state + 1, {train.HEALTH: None, "train_loss": 1.0}),
+        0,
+        0,
+        5,
+        num_rounds=5,
+        eval_every=every,
+        eval_from=start_at,
+        evaluate=evaluate,
+        split=lambda metrics: [metrics],
+        check=lambda health, metrics, r: None,
+        write=lambda records, timing: written.extend(records),
+    )
+    assert seen == evaluated
+    assert [r["round"] for r in written if "test_accuracy" in r] == evaluated
