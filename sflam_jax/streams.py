@@ -17,6 +17,7 @@ MEMORY = 0x3E3  # round key: ESFL's per-device memory limits; run key: FTTE's de
 DISPATCH = 0xD15  # run key: an event engine's dispatches (fold_in the dispatch counter next)
 TRAIN = 0x7A1  # run key: an event engine's client training (fold_in the client's number next)
 STRAGGLER = 0x5106  # run key: which devices are stragglers
+EL2N_CUT = 0xE12  # client key: SFPrompt's quantized crossings when it scores through the body
 
 
 def init_key(seed) -> jax.Array:

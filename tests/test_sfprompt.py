@@ -2,6 +2,7 @@
 both cuts, the frozen parts, EL2N pruning, the local-loss phase, the vmapped round against a
 per-client loop, the server's activation-only backward and the config errors."""
 
+import dataclasses
 import functools
 import json
 
@@ -27,7 +28,7 @@ from sflam_jax.algorithms import sfprompt
 from sflam_jax.algorithms.base import Preprocess, RoundState, sample_clients
 from sflam_jax.allocation import IN_GRAPH, exact
 from sflam_jax.allocation import problem as pb
-from sflam_jax.data.batches import epoch_orders
+from sflam_jax.data.batches import ClientRows, epoch_orders
 from sflam_jax.engine import Engine
 from sflam_jax.errors import ConfigError
 from sflam_jax.models import vit
@@ -111,9 +112,9 @@ def _oracle_local_step(model, trainable, frozen, x, y):
 
 def oracle_round(model, state, images, labels, parts, key, per_round, local_epochs=0):
     """One round with keep = 1, float traffic: each client from the global prompts and tail, its
-    samples in the order EL2N ranks them (at the client's start), ``local_epochs`` epochs of the
-    local-loss phase then ``E`` split epochs, each shuffled per epoch as the engine does, one
-    hand-written momentum SGD state through both phases, FedAvg by samples."""
+    samples in their own order (nothing is pruned, so nothing is scored), ``local_epochs``
+    epochs of the local-loss phase then ``E`` split epochs, each shuffled per epoch as the
+    engine does, one hand-written momentum SGD state through both phases, FedAvg by samples."""
     sample_key, train_key = jax.random.split(key)
     clients = np.asarray(sample_clients(sample_key, len(parts), per_round))
     width = -(-max(len(p) for p in parts) // B) * B
@@ -123,24 +124,20 @@ def oracle_round(model, state, images, labels, parts, key, per_round, local_epoc
     for k in clients:
         part = parts[k]
         n = len(part)
-        x_all = PRE(jnp.asarray(images[part]))
-        logits = model.local_logits(state.params_c, x_all)
-        scores = np.asarray(sfprompt.el2n(logits, jnp.asarray(labels[part])))
-        ranked = np.argsort(-scores, kind="stable")
         k_local, k_split, _, _ = jax.random.split(jax.random.fold_in(train_key, int(k)), 4)
         tr = trainable0
         mom = jax.tree.map(jnp.zeros_like, tr)
         if local_epochs:
             local = np.asarray(epoch_orders(k_local, jnp.int32(n), width, local_epochs))
             for e in range(local_epochs):
-                perm = ranked[local[e][:n]]
+                perm = local[e][:n]
                 for t in range(-(-n // B)):
                     rows = part[perm[t * B : (t + 1) * B]]
                     x, y = PRE(jnp.asarray(images[rows])), jnp.asarray(labels[rows])
                     tr, mom = sgd_momentum(tr, mom, _oracle_local_step(model, tr, frozen, x, y))
         orders = np.asarray(epoch_orders(k_split, jnp.int32(n), width, E))
         for e in range(E):
-            perm = ranked[orders[e][:n]]
+            perm = orders[e][:n]
             for t in range(-(-n // B)):
                 rows = part[perm[t * B : (t + 1) * B]]
                 x, y = PRE(jnp.asarray(images[rows])), jnp.asarray(labels[rows])
@@ -172,13 +169,11 @@ def test_round_matches_explicit_vjp_reference(tail_blocks, per_round):
     assert moved["prompts"] > 0 and max(jax.tree.leaves(moved["head"])) > 1e-3
 
 
-def _probe_oracle(features, scored, labels, parts, head, rounds, per_round, key):
+def _probe_oracle(features, labels, parts, head, rounds, per_round, key):
     """Federated linear probe in plain JAX (no project code but the shared sample and shuffle
-    draws): per client from the global final norm + classifier, its samples ranked by EL2N
-    (hardest first, keep 1; scored, as the engine does, with the body skipped: the classifier
-    on ``scored``, the embedding's class tokens) then shuffled per epoch, momentum SGD on the
-    batch-mean cross entropy, FedAvg by samples; ``features`` are the frozen class tokens at
-    the body's end ``[N, D]``."""
+    draws): per client from the global final norm + classifier, its samples (keep 1: none
+    pruned, none scored) shuffled per epoch, momentum SGD on the batch-mean cross entropy,
+    FedAvg by samples; ``features`` are the frozen class tokens at the body's end ``[N, D]``."""
 
     def logits(h, x):
         mu = x.mean(-1, keepdims=True)
@@ -199,14 +194,11 @@ def _probe_oracle(features, scored, labels, parts, head, rounds, per_round, key)
         for k in clients:
             part = parts[k]
             n = len(part)
-            p = np.asarray(jax.nn.softmax(logits(head, scored[part]), -1))
-            scores = np.linalg.norm(p - np.eye(CFG.num_classes)[labels[part]], axis=-1)
-            ranked = np.argsort(-scores, kind="stable")
             _, k_split, _, _ = jax.random.split(jax.random.fold_in(train_key, int(k)), 4)
             orders = np.asarray(epoch_orders(k_split, jnp.int32(n), width, E))
             h, opt = head, sgd.init(head)
             for e in range(E):
-                perm = ranked[orders[e][:n]]
+                perm = orders[e][:n]
                 for t in range(-(-n // B)):
                     rows = part[perm[t * B : (t + 1) * B]]
                     updates, opt = sgd.update(grad(h, features[rows], labels[rows]), opt)
@@ -225,14 +217,14 @@ def test_no_prompts_no_front_blocks_is_a_federated_linear_probe():
     model, state, data, images, labels, parts = setup(sizes, head_blocks=0, prompt_len=0)
     assert "prompts" not in state.params_c  # no empty arrays (orbax refuses to save them)
     front = model.front(state.params_c, PRE(jnp.asarray(images)))
-    features, scored = model.body(state.params_s, front)[:, 0], front[:, 0]
+    features = model.body(state.params_s, front)[:, 0]
     key = jax.random.key(11)
     round_fn = jax.jit(_engine(model, 2).round)
     new = state
     for r in range(3):
         new = new.replace(round=jnp.int32(r))
         new, _ = round_fn(new, data, jax.random.fold_in(key, r), 32)
-    want = _probe_oracle(features, scored, labels, parts, state.params_c["head"], 3, 2, key)
+    want = _probe_oracle(features, labels, parts, state.params_c["head"], 3, 2, key)
     chex.assert_trees_all_close(new.params_c["head"], want, atol=1e-5)
     assert (
         max(
@@ -345,6 +337,41 @@ def test_el2n_keeps_exactly_the_hardest():
     alg = _engine(setup([4])[0], 1, keep=0.5).algorithm
     np.testing.assert_array_equal(alg.kept(jnp.asarray([5, 4, 1, 0]), False), [2, 2, 0, 0])
     np.testing.assert_array_equal(alg.kept(jnp.asarray([5, 4]), True), [5, 4])
+
+
+def _np_el2n(logits, labels):
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1.0
+    return np.sqrt(np.sum(p**2, -1))
+
+
+def test_scores_through_the_body():
+    """``sfprompt.score = "body"``: at float crossings the scores are numpy's EL2N of the whole
+    model's evaluation logits; at 8 bits up they are the front's output quantized by hand (key:
+    the first half of ``fold_in(key, batch start)``); padding rows score -inf."""
+    model, state, _, images, labels, _ = setup([8], tail_blocks=1)
+    alg = _engine(model, 1, keep=0.5).algorithm
+    alg = dataclasses.replace(alg, score_through_body=True).for_round(state)
+    count, width = 6, 8
+    rows = ClientRows(jnp.asarray(images[:width]), jnp.asarray(labels[:width]))
+    params_c, body = state.params_c, state.params_s
+    x, key = PRE(jnp.asarray(images[:width])), jax.random.key(3)
+    got = np.asarray(alg.scores(params_c, rows, count, width, 32, key))
+    logits = np.asarray(model.logits(params_c, body, x), np.float64)
+    np.testing.assert_allclose(got[:count], _np_el2n(logits, labels[:width])[:count], rtol=1e-5)
+    assert np.all(np.isneginf(got[count:]))
+
+    by_hand = []
+    for start in range(0, width, B):
+        k_up, _ = jax.random.split(jax.random.fold_in(key, start))
+        front = model.front(params_c, x[start : start + B])
+        out = model.body(body, quant.stochastic_quantize(front, 8, k_up))
+        by_hand.append(np.asarray(model.tail(params_c, out), np.float64))
+    want = _np_el2n(np.concatenate(by_hand), labels[:width])
+    got8 = np.asarray(alg.scores(params_c, rows, count, width, 8, key))
+    np.testing.assert_allclose(got8[:count], want[:count], rtol=1e-4)
+    assert np.max(np.abs(got8[:count] - got[:count])) > 1e-6  # the quantizer mattered
 
 
 @pytest.mark.parametrize(("head_blocks", "moves"), [(1, True), (0, False)])
@@ -514,10 +541,12 @@ def _hand_costs(w, params, counts, bits, down_bits, gain, cpu, power, band):
     n = np.asarray(counts, np.float64)
     kept = np.floor(w["keep"] * n + 1e-6)
     split = w["epochs"] * kept
-    flops = n * w["score_flops"] + w["local_loss_epochs"] * kept * w["local_flops"]
+    scored = n if w["keep"] < 1 else 0 * n  # no pruning, no scores
+    flops = scored * w["score_flops"] + w["local_loss_epochs"] * kept * w["local_flops"]
     flops += split * w["device_split_flops"]
     cycles = flops / params.flops_per_cycle
-    server = split * w["server_split_flops"] * len(n) / params.server_flops
+    server = split * w["server_split_flops"] + scored * w["server_score_flops"]
+    server = server * len(n) / params.server_flops
 
     def payload(b, values):
         return 32.0 * values if b >= 32 else values * b + 64.0
@@ -525,6 +554,9 @@ def _hand_costs(w, params, counts, bits, down_bits, gain, cpu, power, band):
     agg = 32.0 * w["trainable_params"]
     up = split * (payload(bits, w["up_values"]) + payload(bits, w["down_values"])) + agg
     down = split * (payload(down_bits, w["down_values"]) + payload(down_bits, w["up_values"])) + agg
+    if w["score_body"]:  # each scored sample's front output up, the body's output down
+        up += scored * payload(bits, w["up_values"])
+        down += scored * payload(down_bits, w["down_values"])
     n0 = 10 ** ((params.noise_dbm_per_hz - 30) / 10)
     r_up = band * np.log2(1 + power * gain / (band * n0))
     r_dn = band * np.log2(1 + params.server_power_w * gain / (band * n0))
@@ -545,14 +577,17 @@ def _hand_costs(w, params, counts, bits, down_bits, gain, cpu, power, band):
     }
 
 
-def test_cost_model_by_hand(tiny_config):
-    """The cost model of two devices of unequal sizes and channels against ``_hand_costs``."""
+@pytest.mark.parametrize(("keep", "score"), [(0.6, "shortcut"), (0.6, "body"), (1.0, "shortcut")])
+def test_cost_model_by_hand(tiny_config, keep, score):
+    """The cost model of two devices of unequal sizes and channels against ``_hand_costs``:
+    scores on the device, through the body, and none (nothing pruned)."""
     import dataclasses
 
     from sflam_jax.wireless.channel import Devices
 
     cfg = tiny_config
-    cfg.algorithm, cfg.sfprompt.keep, cfg.sfprompt.local_epochs = "sfprompt", 0.6, 2
+    cfg.algorithm, cfg.sfprompt.keep, cfg.sfprompt.local_epochs = "sfprompt", keep, 2
+    cfg.sfprompt.score = score
     planner = experiment.planner_for(cfg, (14, 14, 1), 4)
     w = dataclasses.asdict(planner.workload)
     gain, cpu = np.array([3e-10, 4e-11]), np.array([1.2e9, 0.7e9])
@@ -564,7 +599,7 @@ def test_cost_model_by_hand(tiny_config):
         planner.workload, planner.params, 32, counts=jnp.asarray(counts),
     )  # fmt: skip
     hand = _hand_costs(w, planner.params, counts, 6, 32, gain, cpu, power, band)
-    assert w["keep"] == 0.6 and w["local_loss_epochs"] == 2
+    assert (w["keep"], w["local_loss_epochs"], w["score_body"]) == (keep, 2, score == "body")
     np.testing.assert_allclose(out["latency_s"], hand["latency_s"], rtol=1e-5)
     np.testing.assert_allclose(out["energy_j"], hand["energy_j"], rtol=1e-5)
     np.testing.assert_allclose(out["round_latency_s"], hand["latency_s"].max(), rtol=1e-5)

@@ -152,7 +152,13 @@ def test_allocation_in_the_round(reference_run, tmp_path):
 
 @pytest.mark.parametrize(
     "every,start_at,evaluated",
-    [(1, 0, [0, 1, 2, 3, 4, 5]), (2, 0, [0, 2, 4, 5]), (1, 3, [3, 4, 5]), (2, 3, [4, 5]), (0, 2, [5])],
+    [
+        (1, 0, [0, 1, 2, 3, 4, 5]),
+        (2, 0, [0, 2, 4, 5]),
+        (1, 3, [3, 4, 5]),
+        (2, 3, [4, 5]),
+        (0, 2, [5]),
+    ],
 )
 def test_evaluation_cadence(every, start_at, evaluated):
     """``eval_every`` and ``eval_from``: which rounds get test metrics (the last one always)."""

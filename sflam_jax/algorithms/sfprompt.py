@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from sflam_jax import fields, quant
+from sflam_jax import fields, quant, streams
 from sflam_jax.algorithms.base import (
     Costs,
     Options,
@@ -66,6 +66,10 @@ def config_block() -> ml_collections.ConfigDict:
     # sees only the body's features).
     c.local_head = "tail"
     c.prune_first_round = False  # the first round keeps all samples unless set
+    # What EL2N scores with: "shortcut" (the body-skipping path, on the device alone, the paper's)
+    # or "body" (the whole U-shape, a forward through the server at the round's bits: more
+    # traffic and server time, the features the tail trains on).
+    c.score = "shortcut"
     return c
 
 
@@ -82,6 +86,7 @@ def validate(cfg) -> None:
     )
     fields.boolean(cfg, "sfprompt.prune_first_round")
     fields.choice(cfg, "sfprompt.local_head", ("tail", "separate"))
+    fields.choice(cfg, "sfprompt.score", ("shortcut", "body"))
     if not cfg.model.pretrained:
         from sflam_jax.models.vit import PRESETS
 
@@ -107,11 +112,12 @@ class PromptOptions(Options):
     keep: float
     local_loss_epochs: int
     prune_first_round: bool
+    score_through_body: bool
 
     @classmethod
     def from_config(cls, cfg) -> PromptOptions:
         p = cfg.sfprompt
-        return cls(float(p.keep), p.local_epochs, p.prune_first_round)
+        return cls(float(p.keep), p.local_epochs, p.prune_first_round, p.score == "body")
 
 
 def build(cfg, model_cfg) -> UShape:
@@ -146,6 +152,8 @@ class PromptTuning(SplitTraining):
       keep: EL2N keep fraction.
       local_loss_epochs: epochs of the local-loss phase.
       prune_first_round: prune in the first round too.
+      score_through_body: EL2N through the whole U-shape (front up at the round's bits, body,
+        down, tail) instead of the body-skipping path.
       shared: ``(params_c, params_s)`` of the round's global model (``for_round``): the frozen
         front and body every client reads, held once instead of in every lane.
       first_round: whether this is the run's first round (``for_round``).
@@ -154,6 +162,7 @@ class PromptTuning(SplitTraining):
     keep: float = 0.5
     local_loss_epochs: int = 1
     prune_first_round: bool = False
+    score_through_body: bool = False
     shared: Any = None
     first_round: Any = False
     parallel = True
@@ -171,13 +180,24 @@ class PromptTuning(SplitTraining):
             return pruned
         return jnp.where(first_round, counts, pruned)
 
-    def scores(self, params_c, rows, count, width: int) -> jax.Array:
-        """EL2N of one client's ``[width]`` rows (padding rows: -inf), a batch at a time."""
+    def scores(self, params_c, rows, count, width: int, up_bits=None, key=None) -> jax.Array:
+        """EL2N of one client's ``[width]`` rows (padding rows: -inf), a batch at a time: through
+        the body-skipping path, or with ``score_through_body`` through the U-shape with its two
+        forward crossings (``up_bits`` up, ``down_bits`` down; ``key`` folded with the batch's
+        start)."""
         b = self.batch_size
+        body = self.shared[1] if self.score_through_body else None
 
         def batch(start):
             images, labels = rows.take(start + jnp.arange(b))
-            return el2n(self.model.local_logits(params_c, self.preprocess(images)), labels)
+            x = self.preprocess(images)
+            if body is None:
+                return el2n(self.model.local_logits(params_c, x), labels)
+            k_up, k_down = jax.random.split(jax.random.fold_in(key, start))
+            sent = quant.stochastic_quantize(self.model.front(params_c, x), up_bits, k_up)
+            out = self.model.body(body, sent)
+            back = quant.stochastic_quantize(out, self.down_bits, k_down)
+            return el2n(self.model.tail(params_c, back), labels)
 
         scores = jax.lax.map(batch, jnp.arange(0, width, b)).reshape(-1)
         return jnp.where(jnp.arange(width) < count, scores, -jnp.inf)
@@ -234,7 +254,12 @@ class PromptTuning(SplitTraining):
         k_local, k_split, k_local_steps, k_split_steps = jax.random.split(key, 4)
         kept = self.kept(count)
         carry = self.start_carry(params_c, params_s)
-        order = hardest_first(self.scores({**frozen, **carry[0]}, rows, count, width), count)
+        if self.keep < 1:
+            score_key = streams.stream(key, streams.EL2N_CUT)
+            scores = self.scores({**frozen, **carry[0]}, rows, count, width, entry, score_key)
+            order = hardest_first(scores, count)
+        else:  # nothing is pruned: no scores (the valid rows come first)
+            order = jnp.arange(width)
         if self.local_loss_epochs:
 
             def local(tr, *batch):
@@ -294,7 +319,9 @@ class PromptWorkload(Workload):
     plus SFPrompt's own per-sample FLOPs and sizes, all from XLA's cost analysis.
 
     Attributes:
-      score_flops: EL2N scoring, front -> tail forward with the body skipped.
+      score_flops: the device's FLOPs of scoring one sample: front -> tail forward with the
+        body skipped, or with ``score_body`` the front's and the tail's forwards.
+      server_score_flops: the body's forward of one scored sample (``score_body`` only).
       local_flops: one local-loss training step (forward and backward to prompts and tail).
       device_split_flops: the device's part of a split step: front forward and backward to the
         prompts, tail forward and backward.
@@ -304,10 +331,14 @@ class PromptWorkload(Workload):
       trainable_params: prompts and tail (aggregated each way once per round).
       full_train_flops: one training step of the whole model (federated full fine-tuning).
       full_params: the whole model's parameters.
-      keep, epochs, local_loss_epochs: the round's pruning and epochs.
+      keep, epochs, local_loss_epochs: the round's pruning and epochs (samples are scored only
+        when ``keep < 1``).
+      score_body: EL2N scores through the body: each scored sample crosses the cut once up
+        (``up_values`` at the device's bits) and once down.
     """
 
     score_flops: float = 0.0
+    server_score_flops: float = 0.0
     local_flops: float = 0.0
     device_split_flops: float = 0.0
     server_split_flops: float = 0.0
@@ -319,6 +350,7 @@ class PromptWorkload(Workload):
     keep: float = 0.5
     epochs: int = 1
     local_loss_epochs: int = 1
+    score_body: bool = False
 
     @property
     def budget_values(self) -> int:
@@ -348,6 +380,12 @@ def prompt_workload(model: UShape, params_c, params_s, base: Workload, cfg) -> P
     def score(tr, fr, x):
         return model.local_logits({**fr, **tr}, x)
 
+    def front_forward(tr, fr, x):
+        return model.front({**fr, **tr}, x)
+
+    def tail_forward(tr, fr, z):
+        return model.tail({**fr, **tr}, z)
+
     def local_grad(tr, fr, x, y):
         return jax.grad(lambda tr: ce(model.local_logits({**fr, **tr}, x), y))(tr)
 
@@ -366,9 +404,15 @@ def prompt_workload(model: UShape, params_c, params_s, base: Workload, cfg) -> P
         return jax.grad(lambda w: ce(ViT(model.cfg).apply({"params": w}, x), y))(w)
 
     p = cfg.sfprompt
+    body = p.score == "body"
+    if body:
+        score_flops = _flops(front_forward, tr, fr, image) + _flops(tail_forward, tr, fr, down)
+    else:
+        score_flops = _flops(score, tr, fr, image)
     return PromptWorkload(
         **dataclasses.asdict(base),
-        score_flops=_flops(score, tr, fr, image),
+        score_flops=score_flops,
+        server_score_flops=_flops(model.body, params_s, up) if body else 0.0,
         local_flops=_flops(local_grad, tr, fr, image, label),
         device_split_flops=_flops(front_grad, tr, fr, image, up)
         + _flops(tail_grad, tr, fr, down, label),
@@ -381,6 +425,7 @@ def prompt_workload(model: UShape, params_c, params_s, base: Workload, cfg) -> P
         keep=float(p.keep),
         epochs=cfg.train.local_epochs,
         local_loss_epochs=p.local_epochs,
+        score_body=body,
     )
 
 
@@ -399,22 +444,28 @@ def round_loads(
     ``up_bits`` (per split sample the front's output and the body output's gradient at the
     device's bits, and the prompts and tail once) and ``down_bits`` (their counterparts at
     ``down_bits``, and the model once), the form of ``wireless.costs.round_loads``; ``flops`` are
-    the device FLOPs."""
+    the device FLOPs. Samples are scored only when the round prunes (``keep < 1``); scores
+    through the body add the body's forward to the server and one crossing each way per sample."""
     del steps
     w = workload
     n = jnp.asarray(counts, jnp.float32)
     kept = jnp.floor(w.keep * n + 1e-6)
     split = w.epochs * kept
-    flops = n * w.score_flops + w.local_loss_epochs * kept * w.local_flops
+    scored = n if w.keep < 1 else jnp.zeros_like(n)
+    flops = scored * w.score_flops + w.local_loss_epochs * kept * w.local_flops
     flops = flops + split * w.device_split_flops
     cycles = flops / params.flops_per_cycle
-    server_s = split * w.server_split_flops * n.shape[-1] / params.server_flops
+    server = split * w.server_split_flops + scored * w.server_score_flops
+    server_s = server * n.shape[-1] / params.server_flops
     agg = float(FLOAT_BITS) * w.trainable_params
     up = split * (payload_bits(up_bits, w.up_values) + payload_bits(up_bits, w.down_values)) + agg
     down = (
         split * (payload_bits(down_bits, w.down_values) + payload_bits(down_bits, w.up_values))
         + agg
     )
+    if w.score_body:
+        up = up + scored * payload_bits(up_bits, w.up_values)
+        down = down + scored * payload_bits(down_bits, w.down_values)
     return {
         "compute_s": cycles / devices.cpu_hz + server_s,
         "compute_j": params.kappa * devices.cpu_hz**2 * cycles,
