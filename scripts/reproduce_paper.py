@@ -133,12 +133,6 @@ def main():
         "per-device cuts against the other protocols (docs/esfl.md); ftte: FTTE and FedBuff "
         "against synchronous FedAvg with stragglers (docs/ftte.md)",
     )
-    parser.add_argument(
-        "--sfprompt-lr",
-        type=float,
-        default=3e-4,
-        help="Adam learning rate of the SFPrompt run (prompts and tail)",
-    )
     args = parser.parse_args()
     rounds = args.rounds or (30 if args.scale == "cpu" else 100)
     base = scale_config(args.scale, rounds)
@@ -157,7 +151,7 @@ def main():
     if args.part in ("all", "gsfl"):
         gsfl_figures(base, out, args.draws, note)
     if args.part in ("all", "sfprompt"):
-        sfprompt_figures(out, args.sfprompt_lr)
+        sfprompt_figures(out)
     if args.part in ("all", "esfl"):
         esfl_figures(base, out, min(args.draws, ESFL_DRAWS), note)
     if args.part in ("all", "ftte"):
@@ -704,23 +698,25 @@ def finished(workdir: str, rounds: int) -> bool:
     return bool(records) and records[-1]["round"] == rounds
 
 
-def sfprompt_configs(lr: float) -> dict:
-    """The pretrained ViT-S/14 config under SFPrompt, SFLAM (full fine-tuning, the config as
-    shipped) and FL (full fine-tuning of the whole model on the devices)."""
+def sfprompt_configs() -> dict:
+    """The pretrained ViT-S/14 setting under SFPrompt (the shipped recipe,
+    configs/fmnist_dinov2_sfprompt.py), its federated linear probe (SFPrompt with no prompts and
+    no front block), SFLAM (full fine-tuning, configs/fmnist_dinov2_s14.py as shipped) and FL
+    (full fine-tuning of the whole model on the devices)."""
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     import fmnist_dinov2_s14
+    import fmnist_dinov2_sfprompt
 
-    runs = {}
-    for name in ("sfprompt", "sflam", "fl"):
+    runs = {"dinov2_sfprompt": fmnist_dinov2_sfprompt.get_config()}
+    probe = fmnist_dinov2_sfprompt.get_config()
+    probe.sfprompt.prompt_len, probe.sfprompt.head_blocks = 0, 0
+    runs["dinov2_probe"] = probe
+    for name in ("sflam", "fl"):
         c = fmnist_dinov2_s14.get_config()
         c.algorithm = name
-        c.metrics.progress = True
         runs[f"dinov2_{name}"] = c
-    # Only prompts, final norm and classifier train: one rate for all of them. One client at a
-    # time: on a CPU, vmapping clients of unequal size pads them all.
-    prompt = runs["dinov2_sfprompt"]
-    prompt.optimizer.learning_rate, prompt.optimizer.head_lr_scale = lr, 1.0
-    prompt.train.chunk_size = 1
+    for c in runs.values():
+        c.metrics.progress = True
     return runs
 
 
@@ -750,18 +746,19 @@ def split_round_costs(workdir: str, config) -> dict:
     return {
         "sflam_device_gflop": float(np.mean(flops)) / 1e9,
         "sflam_air_mib": float(np.mean(air)) / 2**20,
+        "air_bytes": air,
     }
 
 
-def sfprompt_figures(out: str, lr: float) -> None:
-    """SFPrompt against SFLAM and FL full fine-tuning of the pretrained ViT-S/14: accuracy against
-    rounds and simulated time, device FLOPs and bytes on the air per round; writes
-    ``sfprompt_*.png/csv`` and ``sfprompt_summary.json``."""
+def sfprompt_figures(out: str) -> None:
+    """SFPrompt against its linear probe and SFLAM and FL full fine-tuning of the pretrained
+    ViT-S/14: accuracy against rounds, simulated time, device energy and bytes on the air, device
+    FLOPs and bytes per round; writes ``sfprompt_*.png/csv`` and ``sfprompt_summary.json``."""
 
     def stem(name):
         return os.path.join(out, name)
 
-    configs = sfprompt_configs(lr)
+    configs = sfprompt_configs()
     for i, (name, config) in enumerate(configs.items()):
         workdir = os.path.join(out, "runs", name)
         if finished(workdir, config.num_rounds):
@@ -770,6 +767,7 @@ def sfprompt_figures(out: str, lr: float) -> None:
         train.train_and_evaluate(config, workdir)
     labels = {
         "dinov2_sfprompt": "SFPrompt",
+        "dinov2_probe": "federated linear probe",
         "dinov2_sflam": "SFLAM (full fine-tuning)",
         "dinov2_fl": "FL (full fine-tuning)",
     }
@@ -792,9 +790,36 @@ def sfprompt_figures(out: str, lr: float) -> None:
         log_x=True,
         note=note,
     )
+    line_figure(
+        {labels[n]: (r["sim_energy_j"], r["test_accuracy"]) for n, r in run.items()},
+        "simulated device energy (J)",
+        "test accuracy",
+        stem("sfprompt_accuracy_vs_energy"),
+        "SFPrompt against full fine-tuning: accuracy against device energy",
+        log_x=True,
+        note=note,
+    )
     records = read_jsonl(os.path.join(out, "runs", "dinov2_sfprompt", "metrics.jsonl"))[1:]
     mean = lambda key: float(np.mean([r[key] for r in records]))  # noqa: E731
-    summary = {"note": note, "sfprompt_lr": lr}
+    sflam = split_round_costs(os.path.join(out, "runs", "dinov2_sflam"), configs["dinov2_sflam"])
+    air = {
+        "dinov2_sflam": sflam.pop("air_bytes"),
+        "dinov2_fl": [r["fl_air_bytes"] for r in records],
+    }
+    for name in ("dinov2_sfprompt", "dinov2_probe"):
+        rows = read_jsonl(os.path.join(out, "runs", name, "metrics.jsonl"))
+        air[name] = [r["air_bytes"] for r in rows if r["round"] > 0]
+    sent = {n: np.concatenate([[0.0], np.cumsum(a)]) / 2**30 for n, a in air.items()}
+    line_figure(
+        {labels[n]: (sent[n][r["round"]], r["test_accuracy"]) for n, r in run.items()},
+        "GiB on the air (all devices, both ways, cumulative)",
+        "test accuracy",
+        stem("sfprompt_accuracy_vs_bytes"),
+        "SFPrompt against full fine-tuning: accuracy against traffic",
+        log_x=True,
+        note=note,
+    )
+    summary = {"note": note}
     for name, r in run.items():
         rows = read_jsonl(os.path.join(out, "runs", name, "metrics.jsonl"))[1:]
         summary[labels[name]] = {
@@ -804,6 +829,8 @@ def sfprompt_figures(out: str, lr: float) -> None:
             "mean_round_latency_s": float(np.mean([x["round_latency_s"] for x in rows])),
             "mean_round_energy_j": float(np.mean([x["round_energy_j"] for x in rows])),
             "wall_time_s": r["elapsed_s"][-1],
+            "sim_energy_j": r["sim_energy_j"][-1],
+            "air_gib": float(sent[name][-1]),
         }
     summary["per_round"] = {
         "sfprompt_device_gflop": mean("device_flops") / 1e9,
@@ -813,7 +840,6 @@ def sfprompt_figures(out: str, lr: float) -> None:
         "device_compute_ratio": mean("device_compute_ratio"),
         "traffic_ratio": mean("traffic_ratio"),
     }
-    sflam = split_round_costs(os.path.join(out, "runs", "dinov2_sflam"), configs["dinov2_sflam"])
     summary["per_round"].update(sflam)
     bar_figure(
         {
