@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sflam_jax.models import lora
+
 # name -> (hidden, depth, heads, mlp, patch). Patch sizes are defaults for 224 px inputs except
 # the small presets, which are meant for 28-32 px images.
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
@@ -55,8 +57,8 @@ class ViTConfig:
         return self.num_patches + 1
 
 
-def _dense(features: int, dg_cls: Callable | None, name: str) -> nn.Dense:
-    return nn.Dense(features, dot_general_cls=dg_cls, name=name)
+def _dense(features: int, dg_cls: Callable | None, name: str) -> lora.Dense:
+    return lora.Dense(features, dot_general_cls=dg_cls, name=name)
 
 
 def _matmul(dg_cls: Callable | None, name: str, lhs, rhs, dimension_numbers):
