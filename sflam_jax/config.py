@@ -66,6 +66,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.aqt.fwd_bits = 8  # 0 = float forward
     c.aqt.bwd_bits = 8  # 0 = float backward
 
+    # Low-rank adapters (docs/lora.md): rank 0 = off (every weight of a segment trains).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the adapter's output is scaled by alpha / rank
+    c.lora.targets = "attention"  # "attention", "mlp", "all", or a regex over layer paths
+    c.lora.segments = "both"  # which segments carry adapters: "device", "server", "both"
+    c.lora.base_bits = 0  # the frozen base of an adapted segment: 0 = float, 8 = int8, 4 = NF4
+    c.lora.aggregation = "fedavg"  # "fedavg" (A and B averaged) or "ffa" (A frozen, B averaged)
+
     c.quant = ml_collections.ConfigDict()
     c.quant.up_bits = 8  # cut-layer uplink bits (32 = float32)
     c.quant.down_bits = quant.FLOAT_BITS  # downlink gradient bits (32 = float32)

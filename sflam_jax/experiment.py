@@ -21,6 +21,7 @@ import numpy as np
 from sflam_jax import quant, streams
 from sflam_jax.algorithms import registry
 from sflam_jax.algorithms.base import (
+    Adapters,
     EngineInputs,
     Preprocess,
     Protocol,
@@ -36,6 +37,7 @@ from sflam_jax.data.datasets import Dataset, first_test_samples, load_dataset
 from sflam_jax.data.partition import partition
 from sflam_jax.engine import Engine
 from sflam_jax.errors import ConfigError
+from sflam_jax.models import lora as lora_lib
 from sflam_jax.models import pretrained, vit
 from sflam_jax.models import split as split_lib
 from sflam_jax.sharding import Layout
@@ -102,10 +104,53 @@ def build_model(config, dataset: Dataset, key: jax.Array):
     return model_cfg, model, params, preprocess
 
 
-def initial_state(model, params: dict, init_key: jax.Array) -> RoundState:
-    """The state before round 1: the whole ViT tree cut into the model's two segments."""
+def initial_state(model, params: dict, init_key: jax.Array, lora_cfg=None) -> RoundState:
+    """The state before round 1: the whole ViT tree cut into the model's two segments; with
+    ``lora_cfg.rank`` (the config's ``lora`` block) adapters on the targeted layers of the adapted
+    segments and their frozen base stored at ``lora_cfg.base_bits``."""
     params_c, params_s = model.segments(params, streams.stream(init_key, streams.PROTOCOL_PARAMS))
+    if lora_cfg is not None and lora_cfg.rank:
+        params_c, params_s = (
+            with_adapters(lora_cfg, segment, streams.stream(init_key, streams.ADAPTERS), i)
+            if lora_cfg.segments in ("both", side)
+            else segment
+            for i, (segment, side) in enumerate(((params_c, "device"), (params_s, "server")))
+        )
     return RoundState.create(params_c, params_s)
+
+
+def with_adapters(lora_cfg, params: dict, key: jax.Array, segment: int) -> dict:
+    """A segment with fresh adapters on the layers ``lora.targets`` names (``A`` from
+    ``fold_in(key, segment)``), its base at ``lora.base_bits``.
+
+    Raises:
+      ConfigError: the targets name no dense layer of the segment.
+    """
+    paths = lora_lib.target_paths(params, lora_cfg.targets)
+    if not paths:
+        side = ("device", "server")[segment]
+        raise ConfigError(
+            f"lora.targets={lora_cfg.targets!r} names no dense layer of the {side} segment "
+            f"(lora.segments={lora_cfg.segments!r}); its layers: "
+            f"{', '.join(lora_lib.target_paths(params, '.')[:8])}, ..."
+        )
+    params = lora_lib.add_adapters(
+        params, paths, lora_cfg.rank, lora_cfg.alpha, jax.random.fold_in(key, segment)
+    )
+    # Only the frozen base is stored quantized (the head trains).
+    train, base = Adapters(True, True, lora_cfg.aggregation == "fedavg").split(params, True)
+    return lora_lib.combine(train, lora_lib.quantize_base(base, lora_cfg.base_bits))
+
+
+def adapters_of(config):
+    """``SplitTraining.adapters`` of the config's ``lora`` block (None when the rank is 0)."""
+    if not config.lora.rank:
+        return None
+    return Adapters(
+        client=config.lora.segments in ("both", "device"),
+        server=config.lora.segments in ("both", "server"),
+        trains_a=config.lora.aggregation == "fedavg",
+    )
 
 
 # -- system model ---------------------------------------------------------------------------
@@ -232,6 +277,7 @@ def build_engine(
 ) -> Engine:
     """The round engine of ``protocol`` with the config's training fields; ``client_sizes`` (the
     partition's) choose the lane count when ``train.chunk_size = 0`` under the lanes schedule."""
+    lora_fields = {"adapters": adapters_of(config)} if config.lora.rank else {}
     algorithm = protocol.bind(protocol.make, config)(
         model=model,
         optimizer=make_optimizer(config.optimizer),
@@ -239,6 +285,7 @@ def build_engine(
         local_epochs=config.train.local_epochs,
         batch_size=config.train.batch_size,
         down_bits=protocol.cut_bits(config.quant)[1],
+        **lora_fields,
     )
     engine = Engine(
         algorithm=algorithm,
@@ -268,7 +315,7 @@ def round_engine(config, inputs: EngineInputs):
     workload, device memory and lanes."""
     protocol = registry.get(config.algorithm)
     model_cfg = inputs.model_cfg
-    initial = initial_state(inputs.model, inputs.params, inputs.init_key)
+    initial = initial_state(inputs.model, inputs.params, inputs.init_key, config.lora)
     # FLOPs and memory from the parameter shapes alone: XLA's cost analysis of arrays placed on
     # a mesh would count one device's share.
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs.params)

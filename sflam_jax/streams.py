@@ -12,6 +12,7 @@ import jax
 
 # fold_in constants, with the key each one is folded into.
 PROTOCOL_PARAMS = 0x9707  # init key: parameters a protocol adds (SFPrompt's prompts)
+ADAPTERS = 0x10A  # init key: the LoRA adapters' A (fold_in the segment, 0 device, 1 server)
 SYSTEM = 0x5157  # round key: channel draws of the round's devices (engine.round_plan)
 MEMORY = 0x3E3  # round key: ESFL's per-device memory limits; run key: FTTE's device memories
 DISPATCH = 0xD15  # run key: an event engine's dispatches (fold_in the dispatch counter next)

@@ -7,6 +7,7 @@ check the rules that need the data.
 from __future__ import annotations
 
 import difflib
+import re
 
 import ml_collections
 
@@ -17,6 +18,7 @@ from sflam_jax.allocation.problem import Weights
 from sflam_jax.config import base_config, flatten, get
 from sflam_jax.engine import SCHEDULES
 from sflam_jax.errors import ConfigError
+from sflam_jax.models.lora import TARGET_PRESETS
 from sflam_jax.models.vit import PRESETS
 
 
@@ -74,6 +76,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         fields.integer(cfg, f"aqt.{side}", 0, 16)
         if 0 < cfg.aqt[side] < 2:
             fields.fail(f"aqt.{side}", cfg.aqt[side], "must be 0 (float) or in [2, 16]")
+    validate_lora(cfg, protocol)
     fields.integer(cfg, "quant.up_bits", 1, 32)
     fields.integer(cfg, "quant.down_bits", 1, 32)
     fields.integer(cfg, "train.clients_per_round", 1)
@@ -207,4 +210,29 @@ def validate_partition(cfg: ml_collections.ConfigDict, client_sizes) -> None:
             cfg.train.batch_size,
             f"exceeds the largest client's {largest} samples (every batch would be padded); "
             "use a smaller batch or fewer clients",
+        )
+
+
+def validate_lora(cfg, protocol) -> None:
+    """The ``lora`` block: ranges, choices, a regex that compiles, a protocol that takes
+    adapters."""
+    rank = fields.integer(cfg, "lora.rank", 0)
+    fields.positive(cfg, "lora.alpha")
+    fields.choice(cfg, "lora.segments", ("device", "server", "both"))
+    fields.choice(cfg, "lora.base_bits", (0, 4, 8))
+    fields.choice(cfg, "lora.aggregation", ("fedavg", "ffa"))
+    targets = cfg.lora.targets
+    if not isinstance(targets, str) or not targets:
+        fields.fail("lora.targets", targets, f"must be one of {sorted(TARGET_PRESETS)} or a regex")
+    if targets not in TARGET_PRESETS:
+        try:
+            re.compile(targets)
+        except re.error as e:
+            fields.fail("lora.targets", targets, f"is not a valid regex ({e})")
+    if rank and not protocol.adapters:
+        fields.fail(
+            "lora.rank",
+            rank,
+            f"must be 0 with algorithm={cfg.algorithm!r}: adapters run with "
+            f"{', '.join(registry.with_adapters())} so far",
         )

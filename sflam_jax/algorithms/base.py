@@ -18,6 +18,7 @@ import optax
 from sflam_jax import quant
 from sflam_jax.data.batches import ClientRows, client_batch, epoch_orders, local_steps
 from sflam_jax.errors import NonFiniteError
+from sflam_jax.models import lora
 from sflam_jax.models.split import SplitModel
 
 
@@ -117,6 +118,8 @@ class Protocol:
         None: the round engine (``engine.Engine``) with ``make``'s algorithm and the planner.
       run_control: config fields a resumed run may change (they steer the run, not the numbers
         of a step), in addition to ``checkpoint.RUN_CONTROL_FIELDS``.
+      adapters: it trains LoRA adapters when ``lora.rank > 0`` (its algorithm takes
+        ``SplitTraining.adapters``); otherwise a rank is a config error.
     """
 
     name: str
@@ -134,6 +137,7 @@ class Protocol:
     planner: type | None = None
     engine: Callable[..., tuple] | None = None
     run_control: tuple[str, ...] = ()
+    adapters: bool = False
 
     def __post_init__(self):
         def fail(why: str):
@@ -192,7 +196,7 @@ def _parameters(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
-def baseline(name: str, make, cost_model, cost_split: bool):
+def baseline(name: str, make, cost_model, cost_split: bool, adapters: bool = False):
     """A protocol SFLAM is compared with (SPEC section 1): float cut-layer traffic and matmuls,
     full power on equal bandwidth shares, its costs reported next to every run's."""
     return Protocol(
@@ -203,6 +207,7 @@ def baseline(name: str, make, cost_model, cost_split: bool):
         aqt=False,
         allocators=("equal",),
         baseline=True,
+        adapters=adapters,
     )
 
 
@@ -301,6 +306,38 @@ def _optimizer(opt_cfg, lr) -> optax.GradientTransformation:
 
 
 @dataclasses.dataclass(frozen=True)
+class Adapters:
+    """Which parameters of the two segments train under LoRA (SPEC section 8).
+
+    An adapted segment trains its adapters (``B``, and ``A`` unless ``trains_a`` is False:
+    FFA-LoRA) and its ``head`` (final norm and classifier: a new task's head); the rest of it is
+    the frozen base. A segment without adapters trains whole, as without LoRA.
+
+    Attributes:
+      client, server: whether the device's / the server's segment carries adapters.
+      trains_a: whether ``A`` trains (``lora.aggregation = "fedavg"``) or stays at its shared
+        random init (``"ffa"``).
+    """
+
+    client: bool
+    server: bool
+    trains_a: bool = True
+
+    def split(self, params: dict, adapted: bool) -> tuple[dict, dict]:
+        """``(trainable, frozen)`` parts of a segment's parameters (their union is ``params``)."""
+        if not adapted:
+            return params, {}
+        flat = lora.flat_paths(params, with_values=True)
+
+        def trains(path):
+            return lora.is_adapter(path, self.trains_a) or path.startswith("head/")
+
+        train = {p: v for p, v in flat.items() if trains(p)}
+        frozen = {p: v for p, v in flat.items() if not trains(p)}
+        return lora.unflatten(train), lora.unflatten(frozen)
+
+
+@dataclasses.dataclass(frozen=True)
 class SplitTraining:
     """One client's local split training (SPEC section 1, step 2), shared by every protocol.
 
@@ -311,6 +348,10 @@ class SplitTraining:
       local_epochs: E.
       batch_size: B.
       down_bits: bits of the downlink gradient (32: float).
+      adapters: LoRA (``Adapters``): only the adapters (and the head) of an adapted segment
+        train, get optimizer state and are averaged; its frozen base is read from ``frozen``
+        (``for_round``), once, not from every client's carry. None: every weight trains.
+      frozen: ``(client, server)`` frozen bases of the round's global model (``for_round``).
     """
 
     model: SplitModel
@@ -319,6 +360,8 @@ class SplitTraining:
     local_epochs: int
     batch_size: int
     down_bits: int = 32
+    adapters: Adapters | None = None
+    frozen: Any = None
 
     def client_loss(self, params_c, params_s, images, labels, mask, up_bits, key):
         """Masked mean loss of one client's batch through the quantized cut.
@@ -333,9 +376,29 @@ class SplitTraining:
         loss, total, correct = masked_cross_entropy(logits, labels, mask)
         return loss, (total, correct)
 
+    def trainable(self, params_c, params_s) -> tuple[dict, dict]:
+        """The parts of both segments a client trains: whole segments, or with ``adapters`` the
+        adapters and heads of the adapted ones."""
+        if self.adapters is None:
+            return params_c, params_s
+        return (
+            self.adapters.split(params_c, self.adapters.client)[0],
+            self.adapters.split(params_s, self.adapters.server)[0],
+        )
+
+    def whole(self, train_c, train_s, frozen=None) -> tuple[dict, dict]:
+        """Both segments from their trained parts and the frozen bases (``frozen``, default the
+        round's)."""
+        if self.adapters is None:
+            return train_c, train_s
+        frozen_c, frozen_s = self.frozen if frozen is None else frozen
+        return lora.combine(frozen_c, train_c), lora.combine(frozen_s, train_s)
+
     def start_carry(self, params_c, params_s):
-        """A client's local-training carry: both segments, fresh optimizer states, ``[3]`` stats
-        (summed loss, correct predictions, samples seen)."""
+        """A client's local-training carry: the trained parts of both segments (``trainable``),
+        fresh optimizer states, ``[3]`` stats (summed loss, correct predictions, samples
+        seen)."""
+        params_c, params_s = self.trainable(params_c, params_s)
         return (
             params_c,
             params_s,
@@ -359,20 +422,30 @@ class SplitTraining:
         the parameters FedAvg averages (``averaged``'s structure), here both whole segments."""
         return carry[0], carry[1], carry[4]
 
+    def frozen_parts(self, params_c, params_s):
+        """``(client, server)`` frozen bases of two segments (``adapters`` only)."""
+        return (
+            self.adapters.split(params_c, self.adapters.client)[1],
+            self.adapters.split(params_s, self.adapters.server)[1],
+        )
+
     def for_round(self, state) -> SplitTraining:
-        """This training bound to the round's global state (no change here; SFPrompt closes
-        over its frozen parts so that no client lane copies them)."""
-        del state
-        return self
+        """This training bound to the round's global state: with ``adapters``, its frozen bases,
+        which no client lane copies (SFPrompt closes over its frozen parts the same way)."""
+        if self.adapters is None:
+            return self
+        return dataclasses.replace(self, frozen=self.frozen_parts(state.params_c, state.params_s))
 
     def averaged(self, params_c, params_s):
-        """The parts of both segments FedAvg averages (and ``client_result`` returns): here all."""
-        return params_c, params_s
+        """The parts of both segments FedAvg averages (and ``client_result`` returns): what
+        trains (``trainable``)."""
+        return self.trainable(params_c, params_s)
 
     def with_averaged(self, params_c, params_s, avg_c, avg_s):
         """The segments with their averaged parts replaced by ``avg_c``, ``avg_s``."""
-        del params_c, params_s
-        return avg_c, avg_s
+        if self.adapters is None:
+            return avg_c, avg_s
+        return self.whole(avg_c, avg_s, self.frozen_parts(params_c, params_s))
 
     def client_steps(self, counts, entries):
         """``tau_k`` of clients holding ``counts`` samples with these plan entries."""
@@ -431,7 +504,11 @@ class SplitTraining:
         step with no samples is a no-op."""
         params_c, params_s, opt_c, opt_s, stats = carry
         images, labels, mask = client_batch(rows, count, orders, step, self.batch_size)
-        grad_fn = jax.value_and_grad(self.client_loss, argnums=(0, 1), has_aux=True)
+
+        def loss(train_c, train_s, *args):
+            return self.client_loss(*self.whole(train_c, train_s), *args)
+
+        grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
         (_, (total, correct)), (g_c, g_s) = grad_fn(
             params_c, params_s, images, labels, mask, up_bits, jax.random.fold_in(key, step)
         )

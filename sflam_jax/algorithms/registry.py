@@ -44,3 +44,8 @@ def get(name: str) -> Protocol:
 def baselines() -> tuple[Protocol, ...]:
     """The protocols whose costs every run reports next to its own (SPEC section 3)."""
     return tuple(p for p in PROTOCOLS.values() if p.baseline)
+
+
+def with_adapters() -> tuple[str, ...]:
+    """The protocols that train LoRA adapters (``lora.rank > 0``)."""
+    return tuple(name for name, p in PROTOCOLS.items() if p.adapters)

@@ -13,4 +13,5 @@ PROTOCOL = baseline(
     make=SFLV1,
     cost_model=sflam_round_costs,
     cost_split=True,
+    adapters=True,
 )

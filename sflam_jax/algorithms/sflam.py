@@ -40,4 +40,5 @@ PROTOCOL = Protocol(
     aqt=True,
     allocators=tuple(IN_GRAPH),
     optimizes_bits=True,
+    adapters=True,
 )

@@ -94,6 +94,12 @@ def flat_paths(params: Any, with_values: bool = False):
     return flat if with_values else list(flat)
 
 
+def unflatten(flat: dict) -> dict:
+    """The nested dict of ``{"/"-joined path: leaf}`` (``flat_paths(..., with_values=True)``'s
+    inverse)."""
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def target_paths(params: dict, targets: str) -> list[str]:
     """The "/"-joined paths of the dense layers (modules holding a 2-D ``kernel``) whose path
     ``targets`` matches (``re.search``; a preset name of ``TARGET_PRESETS`` or a regex)."""

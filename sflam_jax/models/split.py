@@ -13,6 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from sflam_jax.models import lora
 from sflam_jax.models.vit import Block, Embedding, Head, ViTConfig, block_names
 
 
@@ -164,6 +165,7 @@ def split(
     head = Head(cfg, server_dot_general_cls)
 
     def client_apply(params_c: dict, images: jax.Array, key: jax.Array | None = None):
+        params_c = lora.dequantize(params_c)  # a QLoRA base, float inside the step
         keys = _segment_keys(key, cut_layer + 1)
         x = embed.apply({"params": params_c["embedding"]}, images, rngs=_rngs(keys[0]))
         for i, name in enumerate(block_names(cut_layer)):
@@ -171,6 +173,7 @@ def split(
         return x
 
     def server_apply(params_s: dict, smashed: jax.Array, key: jax.Array | None = None):
+        params_s = lora.dequantize(params_s)
         names = block_names(cfg.depth)[cut_layer:]
         keys = _segment_keys(key, len(names) + 1)
         x = smashed
