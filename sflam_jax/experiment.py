@@ -156,9 +156,12 @@ def adapters_of(config):
 # -- system model ---------------------------------------------------------------------------
 
 
-def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: dict):
+def build_planner(
+    config, model_cfg: vit.ViTConfig, params_c: dict, params_s: dict, client_shared: int = 0
+):
     """The per-round resource planner of the protocol; FLOPs come from XLA's cost analysis of the
-    float segments (``params_c``, ``params_s``: the cut at ``model.cut_layer``, shapes suffice).
+    float segments (``params_c``, ``params_s``: the cut at ``model.cut_layer``, shapes suffice);
+    ``client_shared``: the client parameters aggregated when not all (``Workload``).
 
     The protocol's accepted allocators and bits policy apply (the baselines run at full power on
     equal bandwidth shares with float cut-layer traffic); its cost model gives the round's
@@ -182,6 +185,7 @@ def build_planner(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         client_params=split_lib.num_params(params_c),
         batch_size=config.train.batch_size,
         server_params=split_lib.num_params(params_s),
+        client_shared=client_shared,
     )
     if protocol.costs.workload is not None:
         # The protocol's own workload on its own segments; it carries the cut's for the
@@ -243,6 +247,29 @@ def device_memory(config, model_cfg: vit.ViTConfig, params_c: dict, params_s: di
         )
         / mib,
     }
+
+
+def adapter_memory(config, model_cfg: vit.ViTConfig, initial: RoundState, adapters) -> dict:
+    """With LoRA: the trained parameters of each segment and the training memory of a device
+    and of one server copy, in MiB (``split.adapted_memory_bytes``: the base as stored)."""
+    split_model = split_lib.split(model_cfg, config.model.cut_layer)
+    image = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
+    batch = config.train.batch_size
+    slots = optimizer_slots(config.optimizer)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), initial)
+    out = {}
+    for side, apply_fn, params, adapted, input_shape in (
+        ("device", split_model.client_apply, shapes.params_c, adapters.client, image),
+        ("server", split_model.server_apply, shapes.params_s, adapters.server,
+         split_model.smashed_shape),
+    ):  # fmt: skip
+        train, frozen = adapters.split(params, adapted)
+        memory = split_lib.adapted_memory_bytes(
+            apply_fn, train, frozen, (batch, *input_shape), slots
+        )
+        out[f"lora_{side}_trained_params"] = split_lib.num_params(train)
+        out[f"lora_{side}_memory_mib"] = memory / 2.0**20
+    return out
 
 
 # The most lanes train.chunk_size = 0 chooses; larger counts are set explicitly.
@@ -320,10 +347,15 @@ def round_engine(config, inputs: EngineInputs):
     # a mesh would count one device's share.
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs.params)
     params_c, params_s = split_lib.split_params(shapes, config.model.cut_layer, model_cfg.depth)
-    planner = build_planner(config, model_cfg, params_c, params_s)
+    adapters = adapters_of(config)
+    shared = 0
+    if adapters is not None:
+        shared = split_lib.num_params(adapters.split(initial.params_c, adapters.client)[0])
+    planner = build_planner(config, model_cfg, params_c, params_s, shared)
     system = {
         **dataclasses.asdict(planner.workload),
         **device_memory(config, model_cfg, params_c, params_s),
+        **(adapter_memory(config, model_cfg, initial, adapters) if adapters else {}),
     }
     engine = build_engine(
         config,

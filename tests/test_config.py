@@ -45,6 +45,13 @@ BAD = [
     ("model.layer_norm_eps", 0.0, "model.layer_norm_eps=0.0"),
     ("eval_every", -1, "eval_every=-1"),
     ("eval_from", -1, "eval_from=-1"),
+    ("lora.rank", -1, "lora.rank=-1"),
+    ("lora.alpha", 0.0, "lora.alpha=0.0"),
+    ("lora.segments", "edge", "lora.segments='edge'"),
+    ("lora.base_bits", 2, "lora.base_bits=2"),
+    ("lora.aggregation", "mean", "lora.aggregation='mean'"),
+    ("lora.targets", "query[", "is not a valid regex"),
+    ("lora.targets", "", "lora.targets=''"),
     ("train.eval_batch_size", 0, "train.eval_batch_size=0"),
     ("optimizer.weight_decay", -1e-4, "optimizer.weight_decay=-0.0001"),
     ("wireless.shadowing_std_db", -2.0, "wireless.shadowing_std_db=-2.0"),
@@ -304,3 +311,19 @@ def test_head_lr_scale_steps_only_the_classifier_faster(name):
     assert not np.allclose(
         scaled["head"]["classifier"]["kernel"], base["head"]["classifier"]["kernel"]
     )
+
+
+def test_lora_on_a_protocol_without_adapters_is_named():
+    cfg = config_lib.base_config()
+    cfg.algorithm, cfg.lora.rank = "fl", 4
+    with pytest.raises(ValueError, match="lora.rank=4 is invalid: must be 0 with algorithm='fl'"):
+        validation.validate(cfg)
+
+
+def test_lora_targets_that_name_no_layer_of_a_segment_are_named(tiny_config):
+    from sflam_jax import experiment
+
+    cfg = tiny_config
+    cfg.lora.rank, cfg.lora.targets = 4, "no_such_layer"
+    with pytest.raises(ValueError, match="lora.targets='no_such_layer' names no dense layer"):
+        experiment.build_experiment(cfg)

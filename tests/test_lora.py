@@ -3,6 +3,7 @@ form equals its merged kernel, the targets, the trainable split, and the block q
 numpy ones written here."""
 
 import dataclasses
+import json
 from typing import Any
 
 import chex
@@ -10,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import read_metrics
 from oracles import engine_of, oracle_round, setup
 
-from sflam_jax import quant
+from sflam_jax import quant, train
 from sflam_jax.algorithms.base import Adapters, Preprocess, RoundState
 from sflam_jax.models import lora, vit
 
@@ -279,3 +281,27 @@ def test_round_matches_the_explicit_vjp_oracle(cut, trains_a, base_bits, segment
     # The adapters learned (B left zero).
     b = [v for p, v in lora.flat_paths(got[1], True).items() if p.endswith(lora.LORA_B)]
     assert max(float(jnp.max(jnp.abs(v))) for v in b) > 1e-4
+
+
+@pytest.mark.parametrize("algorithm", ["sflam", "sfl"])
+def test_trainer_runs_qlora_reports_its_sizes_and_resumes(tiny_config, tmp_path, algorithm):
+    """QLoRA (NF4 base, rank 4 on the attention projections of both segments) through the
+    trainer: system.json's aggregated client parameters are the adapters' (by hand:
+    ``cut * 4 projections * r (D + D)``), the device's training memory is below full
+    fine-tuning's, and a run stopped after round 1 and resumed ends where the uninterrupted one
+    does (the quantized base goes through the checkpoint)."""
+    cfg = tiny_config
+    cfg.algorithm, cfg.num_rounds, cfg.eval_every = algorithm, 2, 1
+    cfg.lora.rank, cfg.lora.base_bits = 4, 4
+    train.train_and_evaluate(cfg, str(tmp_path / "whole"))
+    short = cfg.copy_and_resolve_references()
+    short.num_rounds = 1
+    train.train_and_evaluate(short, str(tmp_path / "resumed"))
+    train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+    assert read_metrics(tmp_path / "resumed") == read_metrics(tmp_path / "whole")
+    with open(tmp_path / "whole" / "system.json") as f:
+        system = json.load(f)
+    hidden = vit.PRESETS["tiny"][0]
+    assert system["client_shared"] == cfg.model.cut_layer * 4 * 4 * 2 * hidden
+    assert system["lora_device_trained_params"] == system["client_shared"]
+    assert system["lora_device_memory_mib"] < system["sflam_device_memory_mib"]

@@ -226,6 +226,27 @@ def compiled_flops(fn, *args) -> float:
     return float(analysis.get("flops", 0.0))
 
 
+def stored_bytes(tree) -> int:
+    """Bytes of a parameter tree as stored (a QLoRA base's codes and scales, not float32)."""
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def adapted_memory_bytes(apply_fn, train, frozen, input_shape, optimizer_slots: int) -> float:
+    """Training memory of a segment whose ``train`` part trains and ``frozen`` part (a base,
+    possibly quantized) does not: the base as stored, float32 trained parameters, their
+    gradients and ``optimizer_slots`` states, and the temporaries XLA keeps to take one gradient
+    of the trained part on one batch (its memory analysis; the base's dequantized copies
+    included)."""
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+
+    def loss(t, f, x):
+        return jnp.sum(apply_fn(lora.combine(f, t), x, None))
+
+    compiled = jax.jit(jax.grad(loss)).lower(train, frozen, x).compile()
+    temps = float(compiled.memory_analysis().temp_size_in_bytes)
+    return stored_bytes(frozen) + 4.0 * num_params(train) * (2 + optimizer_slots) + temps
+
+
 def activation_bytes(apply_fn, params: dict, input_shape, key=None) -> float:
     """Bytes XLA keeps live (temporaries) to take one gradient of ``apply_fn`` on one batch.
 

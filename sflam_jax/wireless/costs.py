@@ -22,6 +22,8 @@ class Workload:
       client_params: |w_c|, parameters of the client segment (aggregation traffic).
       batch_size: B.
       server_params: |w_s|, parameters of the server segment (FL moves |w_c| + |w_s|).
+      client_shared: parameters of the client segment a device sends and receives at
+        aggregation when that is not all of them (LoRA: its adapters); 0: ``client_params``.
     """
 
     client_flops: float
@@ -30,6 +32,12 @@ class Workload:
     client_params: int
     batch_size: int
     server_params: int = 0
+    client_shared: int = 0
+
+    @property
+    def aggregated_params(self) -> int:
+        """Parameters a device sends (and receives) at aggregation."""
+        return self.client_shared or self.client_params
 
     @property
     def budget_values(self) -> int:
@@ -76,7 +84,7 @@ def step_terms(
         "up_step_bits": b * payload_bits(up_bits, workload.values_per_sample),
         "down_step_bits": b * payload_bits(down_bits, workload.values_per_sample),
         # float: ViT-B sizes overflow int32
-        "agg_bits": float(FLOAT_BITS) * workload.client_params,
+        "agg_bits": float(FLOAT_BITS) * workload.aggregated_params,
     }
 
 
