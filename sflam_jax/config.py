@@ -74,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.segments = "both"  # which segments carry adapters: "device", "server", "both"
     c.lora.base_bits = 0  # the frozen base of an adapted segment: 0 = float, 8 = int8, 4 = NF4
     c.lora.aggregation = "fedavg"  # "fedavg" (A and B averaged) or "ffa" (A frozen, B averaged)
+    # A segment without adapters (lora.segments, or no targeted layer in it): "freeze" (only a
+    # head in it trains; its base is stored at base_bits too) or "train" (every weight trains).
+    c.lora.unadapted = "freeze"
 
     c.quant = ml_collections.ConfigDict()
     c.quant.up_bits = 8  # cut-layer uplink bits (32 = float32)

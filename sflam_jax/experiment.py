@@ -106,49 +106,63 @@ def build_model(config, dataset: Dataset, key: jax.Array):
 
 def initial_state(model, params: dict, init_key: jax.Array, lora_cfg=None) -> RoundState:
     """The state before round 1: the whole ViT tree cut into the model's two segments; with
-    ``lora_cfg.rank`` (the config's ``lora`` block) adapters on the targeted layers of the adapted
-    segments and their frozen base stored at ``lora_cfg.base_bits``."""
-    params_c, params_s = model.segments(params, streams.stream(init_key, streams.PROTOCOL_PARAMS))
-    if lora_cfg is not None and lora_cfg.rank:
-        params_c, params_s = (
-            with_adapters(lora_cfg, segment, streams.stream(init_key, streams.ADAPTERS), i)
-            if lora_cfg.segments in ("both", side)
-            else segment
-            for i, (segment, side) in enumerate(((params_c, "device"), (params_s, "server")))
-        )
-    return RoundState.create(params_c, params_s)
-
-
-def with_adapters(lora_cfg, params: dict, key: jax.Array, segment: int) -> dict:
-    """A segment with fresh adapters on the layers ``lora.targets`` names (``A`` from
-    ``fold_in(key, segment)``), its base at ``lora.base_bits``.
+    ``lora_cfg.rank`` (the config's ``lora`` block) adapters on the targeted layers of the
+    segments ``lora.segments`` names and their frozen base stored at ``lora.base_bits``. Under
+    ``"both"`` a segment without a targeted layer (the device's at ``model.cut_layer = 0``) gets
+    none and trains whole, as without LoRA.
 
     Raises:
-      ConfigError: the targets name no dense layer of the segment.
+      ConfigError: the targets name no dense layer of a segment ``lora.segments`` names alone,
+        or of either segment.
     """
-    paths = lora_lib.target_paths(params, lora_cfg.targets)
-    if not paths:
-        side = ("device", "server")[segment]
-        raise ConfigError(
-            f"lora.targets={lora_cfg.targets!r} names no dense layer of the {side} segment "
-            f"(lora.segments={lora_cfg.segments!r}); its layers: "
-            f"{', '.join(lora_lib.target_paths(params, '.')[:8])}, ..."
-        )
-    params = lora_lib.add_adapters(
-        params, paths, lora_cfg.rank, lora_cfg.alpha, jax.random.fold_in(key, segment)
+    params_c, params_s = model.segments(params, streams.stream(init_key, streams.PROTOCOL_PARAMS))
+    if lora_cfg is None or not lora_cfg.rank:
+        return RoundState.create(params_c, params_s)
+    segments, adapted = [], []
+    for i, (segment, side) in enumerate(((params_c, "device"), (params_s, "server"))):
+        paths = lora_lib.target_paths(segment, lora_cfg.targets)
+        if lora_cfg.segments in ("both", side) and paths:
+            key = jax.random.fold_in(streams.stream(init_key, streams.ADAPTERS), i)
+            segment = lora_lib.add_adapters(segment, paths, lora_cfg.rank, lora_cfg.alpha, key)
+            adapted.append(side)
+        elif lora_cfg.segments == side:
+            raise _no_target(lora_cfg, side, segment)
+        mode = segment_mode(lora_cfg, segment)
+        if mode != "whole":  # the frozen base at base_bits (the head trains)
+            train, base = Adapters(mode, mode, lora_cfg.aggregation == "fedavg").split(
+                segment, mode
+            )
+            segment = lora_lib.combine(train, lora_lib.quantize_base(base, lora_cfg.base_bits))
+        segments.append(segment)
+    if not adapted:
+        raise _no_target(lora_cfg, "device or server", {**params_c, **params_s})
+    return RoundState.create(*segments)
+
+
+def segment_mode(lora_cfg, params: dict) -> str:
+    """A segment's ``Adapters`` mode: ``"adapters"`` when it holds adapters, else what
+    ``lora.unadapted`` says."""
+    if any(p.endswith(lora_lib.LORA_A) for p in lora_lib.flat_paths(params)):
+        return "adapters"
+    return "frozen" if lora_cfg.unadapted == "freeze" else "whole"
+
+
+def _no_target(lora_cfg, side: str, params: dict) -> ConfigError:
+    return ConfigError(
+        f"lora.targets={lora_cfg.targets!r} names no dense layer of the {side} segment "
+        f"(lora.segments={lora_cfg.segments!r}); its layers: "
+        f"{', '.join(lora_lib.target_paths(params, '.')[:8])}, ..."
     )
-    # Only the frozen base is stored quantized (the head trains).
-    train, base = Adapters(True, True, lora_cfg.aggregation == "fedavg").split(params, True)
-    return lora_lib.combine(train, lora_lib.quantize_base(base, lora_cfg.base_bits))
 
 
-def adapters_of(config):
-    """``SplitTraining.adapters`` of the config's ``lora`` block (None when the rank is 0)."""
+def adapters_of(config, initial: RoundState):
+    """``SplitTraining.adapters`` of the config's ``lora`` block for the segments of ``initial``
+    that carry adapters (None when the rank is 0)."""
     if not config.lora.rank:
         return None
     return Adapters(
-        client=config.lora.segments in ("both", "device"),
-        server=config.lora.segments in ("both", "server"),
+        client=segment_mode(config.lora, initial.params_c),
+        server=segment_mode(config.lora, initial.params_s),
         trains_a=config.lora.aggregation == "fedavg",
     )
 
@@ -157,7 +171,11 @@ def adapters_of(config):
 
 
 def build_planner(
-    config, model_cfg: vit.ViTConfig, params_c: dict, params_s: dict, client_shared: int = 0
+    config,
+    model_cfg: vit.ViTConfig,
+    params_c: dict,
+    params_s: dict,
+    client_shared: int | None = None,
 ):
     """The per-round resource planner of the protocol; FLOPs come from XLA's cost analysis of the
     float segments (``params_c``, ``params_s``: the cut at ``model.cut_layer``, shapes suffice);
@@ -186,6 +204,7 @@ def build_planner(
         batch_size=config.train.batch_size,
         server_params=split_lib.num_params(params_s),
         client_shared=client_shared,
+        client_trains=client_shared is None or client_shared > 0,
     )
     if protocol.costs.workload is not None:
         # The protocol's own workload on its own segments; it carries the cut's for the
@@ -300,11 +319,19 @@ def choose_lanes(config, engine: Engine, client_sizes, rounds: int = 16) -> int:
 
 
 def build_engine(
-    config, protocol: Protocol, model, preprocess, planner, layout=None, client_sizes=None
+    config,
+    protocol: Protocol,
+    model,
+    preprocess,
+    planner,
+    layout=None,
+    client_sizes=None,
+    adapters=None,
 ) -> Engine:
     """The round engine of ``protocol`` with the config's training fields; ``client_sizes`` (the
-    partition's) choose the lane count when ``train.chunk_size = 0`` under the lanes schedule."""
-    lora_fields = {"adapters": adapters_of(config)} if config.lora.rank else {}
+    partition's) choose the lane count when ``train.chunk_size = 0`` under the lanes schedule;
+    ``adapters``: LoRA's trained parts (``adapters_of``)."""
+    lora_fields = {"adapters": adapters} if adapters is not None else {}
     algorithm = protocol.bind(protocol.make, config)(
         model=model,
         optimizer=make_optimizer(config.optimizer),
@@ -347,8 +374,8 @@ def round_engine(config, inputs: EngineInputs):
     # a mesh would count one device's share.
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs.params)
     params_c, params_s = split_lib.split_params(shapes, config.model.cut_layer, model_cfg.depth)
-    adapters = adapters_of(config)
-    shared = 0
+    adapters = adapters_of(config, initial)
+    shared = None
     if adapters is not None:
         shared = split_lib.num_params(adapters.split(initial.params_c, adapters.client)[0])
     planner = build_planner(config, model_cfg, params_c, params_s, shared)
@@ -364,6 +391,7 @@ def round_engine(config, inputs: EngineInputs):
         inputs.preprocess,
         planner,
         client_sizes=[len(p) for p in inputs.parts],
+        adapters=adapters,
     )
     if engine.algorithm.parallel:
         # The lanes the engine chose (train.chunk_size = 0) or was given, rounded to the mesh.

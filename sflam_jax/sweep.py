@@ -198,7 +198,9 @@ def _initial_states(exp, cfgs):
         if cfg.seed not in by_seed:
             init_key, _ = jax.random.split(jax.random.key(cfg.seed))
             _, model, params, _ = experiment.build_model(cfg, exp.dataset, init_key)
-            by_seed[cfg.seed] = jax.device_get(experiment.initial_state(model, params, init_key))
+            by_seed[cfg.seed] = jax.device_get(
+                experiment.initial_state(model, params, init_key, cfg.lora)
+            )
     return _stack([by_seed[c.seed] for c in cfgs])
 
 

@@ -221,6 +221,7 @@ def validate_lora(cfg, protocol) -> None:
     fields.choice(cfg, "lora.segments", ("device", "server", "both"))
     fields.choice(cfg, "lora.base_bits", (0, 4, 8))
     fields.choice(cfg, "lora.aggregation", ("fedavg", "ffa"))
+    fields.choice(cfg, "lora.unadapted", ("freeze", "train"))
     targets = cfg.lora.targets
     if not isinstance(targets, str) or not targets:
         fields.fail("lora.targets", targets, f"must be one of {sorted(TARGET_PRESETS)} or a regex")

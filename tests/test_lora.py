@@ -228,33 +228,33 @@ class _OnlyAdapters:
         return self.model.server_apply(lora.combine(self.frozen_s, train_s), a, key)
 
 
-def _lora_setup(sizes, cut, trains_a=True, base_bits=0, segments=(True, True)):
+def _lora_setup(sizes, cut, trains_a=True, base_bits=0, modes=("adapters", "adapters")):
     model, state, data, images, labels, parts = setup(sizes, cut)
-    adapted = []
-    for i, (segment, on) in enumerate(zip((state.params_c, state.params_s), segments, strict=True)):
-        if on:
-            segment = lora.add_adapters(
-                segment, lora.target_paths(segment, "all"), 2, 4.0, jax.random.key(10 + i)
-            )
-            train, base = Adapters(True, True, trains_a).split(segment, True)
+    adapters = Adapters(*modes, trains_a)
+    segments = []
+    for i, (segment, mode) in enumerate(zip((state.params_c, state.params_s), modes, strict=True)):
+        if mode == "adapters":
+            paths = lora.target_paths(segment, "all")
+            segment = lora.add_adapters(segment, paths, 2, 4.0, jax.random.key(10 + i))
+        if mode != "whole":
+            train, base = adapters.split(segment, mode)
             segment = lora.combine(train, lora.quantize_base(base, base_bits))
-        adapted.append(segment)
-    state = RoundState.create(*adapted)
-    adapters = Adapters(*segments, trains_a)
-    return model, state, data, images, labels, parts, adapters
+        segments.append(segment)
+    return model, RoundState.create(*segments), data, images, labels, parts, adapters
 
 
 @pytest.mark.parametrize(
-    ("cut", "trains_a", "base_bits", "segments"),
+    ("cut", "trains_a", "base_bits", "modes"),
     [
-        (1, True, 0, (True, True)),
-        (1, False, 0, (True, True)),  # FFA-LoRA: A stays, B and the products average exactly
-        (1, True, 4, (True, True)),  # QLoRA: NF4 base, still bit-identical after the round
-        (1, True, 0, (False, True)),  # adapters on the server only: the device trains whole
-        (0, True, 8, (False, True)),
+        (1, True, 0, ("adapters", "adapters")),
+        (1, False, 0, ("adapters", "adapters")),  # FFA-LoRA: A stays, B averages exactly
+        (1, True, 4, ("adapters", "adapters")),  # QLoRA: NF4 base, bit-identical after the round
+        (1, True, 0, ("whole", "adapters")),  # adapters on the server only, the device trains
+        (1, True, 8, ("frozen", "adapters")),  # ... or is frozen (int8)
+        (0, True, 4, ("frozen", "adapters")),  # a frozen embedding alone on the device
     ],
 )
-def test_round_matches_the_explicit_vjp_oracle(cut, trains_a, base_bits, segments):
+def test_round_matches_the_explicit_vjp_oracle(cut, trains_a, base_bits, modes):
     """One SFLAM round (float crossings, 3 clients of unequal sizes, lanes) against
     ``oracles.oracle_round`` run on the trained parts alone (explicit vjps at the cut, momentum
     SGD by hand, FedAvg in float64 of A and B separately, by samples, and of the head): 1e-5.
@@ -262,7 +262,7 @@ def test_round_matches_the_explicit_vjp_oracle(cut, trains_a, base_bits, segment
     clients' products ``A B_k`` is exactly ``A`` times the averaged B."""
     sizes = [7, 13, 3, 10, 5]
     model, state, data, images, labels, parts, adapters = _lora_setup(
-        sizes, cut, trains_a, base_bits, segments
+        sizes, cut, trains_a, base_bits, modes
     )
     alg = engine_of(model, PRE, adapters=adapters)
     train = alg.algorithm.trainable(state.params_c, state.params_s)

@@ -84,6 +84,31 @@ def test_round_costs_by_hand():
     np.testing.assert_allclose(out["comm_energy_j"], [0.1 * (5 * t_up + agg / r_up)], rtol=1e-5)
 
 
+def test_adapters_and_a_frozen_device_by_hand():
+    """LoRA's costs: aggregation moves the adapters (``client_shared``); a frozen device
+    segment runs its forward only and receives no gradient, and nothing is aggregated."""
+    import dataclasses
+
+    dev = _one_device()
+    n0 = P.noise_w_per_hz
+    r_up = 1e6 * np.log2(1 + 0.1 * 1e-10 / (1e6 * n0))
+    r_dn = 1e6 * np.log2(1 + 1.0 * 1e-10 / (1e6 * n0))
+    t_cf = 4 * 2e6 / (16 * 1e9)
+    t_srv = 3 * 4 * 8e6 * 1 / 100e12
+    t_up = 4 * (100 * 8 + 64) / r_up
+    t_dn = 4 * (32 * 100) / r_dn
+    args = (dev, jnp.array([5]), jnp.array([0.1]), jnp.array([1e6]), jnp.array([8.0]))
+    adapters = costs.sflam_round_costs(*args, dataclasses.replace(WORK, client_shared=40), P)
+    agg = 32 * 40
+    latency = 5 * (3 * t_cf + t_up + t_srv + t_dn) + agg / r_up + agg / r_dn
+    np.testing.assert_allclose(adapters["latency_s"], [latency], rtol=1e-5)
+    frozen = dataclasses.replace(WORK, client_shared=0, client_trains=False)
+    out = costs.sflam_round_costs(*args, frozen, P)
+    np.testing.assert_allclose(out["latency_s"], [5 * (t_cf + t_up + t_srv)], rtol=1e-5)
+    energy = 5 * (1e-28 * 1e18 * 4 * 2e6 / 16 + 0.1 * t_up)
+    np.testing.assert_allclose(out["energy_j"], [energy], rtol=1e-5)
+
+
 def test_fl_client_trip_by_hand():
     """An asynchronous protocol's trip (FTTE, FedBuff): the download, the subset's training, the
     upload of its delta, SPEC section 3 by hand."""

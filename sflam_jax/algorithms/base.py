@@ -309,28 +309,32 @@ def _optimizer(opt_cfg, lr) -> optax.GradientTransformation:
 class Adapters:
     """Which parameters of the two segments train under LoRA (SPEC section 8).
 
-    An adapted segment trains its adapters (``B``, and ``A`` unless ``trains_a`` is False:
-    FFA-LoRA) and its ``head`` (final norm and classifier: a new task's head); the rest of it is
-    the frozen base. A segment without adapters trains whole, as without LoRA.
+    Each segment is in one of three modes: ``"adapters"`` trains its adapters (``B``, and ``A``
+    unless ``trains_a`` is False: FFA-LoRA) and its ``head`` (final norm and classifier: a new
+    task's head), the rest being the frozen base; ``"frozen"`` (a segment without adapters under
+    ``lora.unadapted = "freeze"``) trains only its head, if it holds one; ``"whole"`` trains
+    every weight, as without LoRA.
 
     Attributes:
-      client, server: whether the device's / the server's segment carries adapters.
+      client, server: the device's and the server's segment's mode.
       trains_a: whether ``A`` trains (``lora.aggregation = "fedavg"``) or stays at its shared
         random init (``"ffa"``).
     """
 
-    client: bool
-    server: bool
+    client: str
+    server: str
     trains_a: bool = True
 
-    def split(self, params: dict, adapted: bool) -> tuple[dict, dict]:
-        """``(trainable, frozen)`` parts of a segment's parameters (their union is ``params``)."""
-        if not adapted:
+    def split(self, params: dict, mode: str) -> tuple[dict, dict]:
+        """``(trainable, frozen)`` parts of a segment's parameters in ``mode`` (their union is
+        ``params``)."""
+        if mode == "whole":
             return params, {}
         flat = lora.flat_paths(params, with_values=True)
 
         def trains(path):
-            return lora.is_adapter(path, self.trains_a) or path.startswith("head/")
+            adapter = mode == "adapters" and lora.is_adapter(path, self.trains_a)
+            return adapter or path.startswith("head/")
 
         train = {p: v for p, v in flat.items() if trains(p)}
         frozen = {p: v for p, v in flat.items() if not trains(p)}

@@ -236,13 +236,15 @@ def adapted_memory_bytes(apply_fn, train, frozen, input_shape, optimizer_slots: 
     possibly quantized) does not: the base as stored, float32 trained parameters, their
     gradients and ``optimizer_slots`` states, and the temporaries XLA keeps to take one gradient
     of the trained part on one batch (its memory analysis; the base's dequantized copies
-    included)."""
+    included), or of a forward when nothing trains."""
     x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
 
     def loss(t, f, x):
         return jnp.sum(apply_fn(lora.combine(f, t), x, None))
 
-    compiled = jax.jit(jax.grad(loss)).lower(train, frozen, x).compile()
+    # Nothing trains (a frozen segment): the forward's temporaries.
+    fn = jax.grad(loss) if num_params(train) else loss
+    compiled = jax.jit(fn).lower(train, frozen, x).compile()
     temps = float(compiled.memory_analysis().temp_size_in_bytes)
     return stored_bytes(frozen) + 4.0 * num_params(train) * (2 + optimizer_slots) + temps
 

@@ -23,7 +23,10 @@ class Workload:
       batch_size: B.
       server_params: |w_s|, parameters of the server segment (FL moves |w_c| + |w_s|).
       client_shared: parameters of the client segment a device sends and receives at
-        aggregation when that is not all of them (LoRA: its adapters); 0: ``client_params``.
+        aggregation when that is not all of them (LoRA: its adapters; 0 for a frozen device
+        segment); None: ``client_params``.
+      client_trains: whether the device's segment trains at all; a frozen one (LoRA with the
+        device's segment frozen) runs its forward only and receives no gradient.
     """
 
     client_flops: float
@@ -32,12 +35,13 @@ class Workload:
     client_params: int
     batch_size: int
     server_params: int = 0
-    client_shared: int = 0
+    client_shared: int | None = None
+    client_trains: bool = True
 
     @property
     def aggregated_params(self) -> int:
         """Parameters a device sends (and receives) at aggregation."""
-        return self.client_shared or self.client_params
+        return self.client_params if self.client_shared is None else self.client_shared
 
     @property
     def budget_values(self) -> int:
@@ -75,22 +79,26 @@ def step_terms(
     b = workload.batch_size
     cycles_fwd = b * workload.client_flops / params.flops_per_cycle
     t_cf = cycles_fwd / devices.cpu_hz
+    # A frozen device segment: no backward, no gradient sent down.
+    trains = float(workload.client_trains)
     return {
         "t_cf": t_cf,
-        "t_cb": 2.0 * t_cf,
+        "t_cb": 2.0 * trains * t_cf,
+        "device_passes": 1.0 + 2.0 * trains,
         "t_srv": 3.0 * b * workload.server_flops * s / params.server_flops,
         "server_step_flops": 3.0 * b * workload.server_flops,
         "cycles_fwd": cycles_fwd,
         "up_step_bits": b * payload_bits(up_bits, workload.values_per_sample),
-        "down_step_bits": b * payload_bits(down_bits, workload.values_per_sample),
+        "down_step_bits": trains * b * payload_bits(down_bits, workload.values_per_sample),
         # float: ViT-B sizes overflow int32
         "agg_bits": float(FLOAT_BITS) * workload.aggregated_params,
     }
 
 
 def compute_energy_j(steps, terms: dict, devices: Devices, params: SystemParams) -> jax.Array:
-    """Device compute energy of ``steps`` local steps, ``tau_k kappa f_k^2 3 B F_c / phi``."""
-    return steps * params.kappa * devices.cpu_hz**2 * 3.0 * terms["cycles_fwd"]
+    """Device compute energy of ``steps`` local steps, ``tau_k kappa f_k^2 3 B F_c / phi`` (a
+    forward only, ``1 B F_c``, for a frozen device segment)."""
+    return steps * params.kappa * devices.cpu_hz**2 * terms["device_passes"] * terms["cycles_fwd"]
 
 
 def round_loads(
