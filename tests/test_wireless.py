@@ -53,6 +53,17 @@ def _one_device(gain=1e-10, cpu=1e9):
     )
 
 
+def _hand_terms():
+    """WORK's step terms on ``_one_device`` at 0.1 W, 1 MHz, 8 bits up, float down, by hand:
+    the two rates, device forward, server step, uplink and downlink times of a step."""
+    n0 = P.noise_w_per_hz
+    r_up = 1e6 * np.log2(1 + 0.1 * 1e-10 / (1e6 * n0))
+    r_dn = 1e6 * np.log2(1 + 1.0 * 1e-10 / (1e6 * n0))
+    t_cf = 4 * 2e6 / (16 * 1e9)
+    t_srv = 3 * 4 * 8e6 * 1 / 100e12
+    return r_up, r_dn, t_cf, t_srv, 4 * (100 * 8 + 64) / r_up, 4 * (32 * 100) / r_dn
+
+
 WORK = costs.Workload(
     client_flops=2e6, server_flops=8e6, values_per_sample=100, client_params=1000, batch_size=4
 )
@@ -63,13 +74,7 @@ def test_round_costs_by_hand():
     out = costs.sflam_round_costs(
         dev, jnp.array([5]), jnp.array([0.1]), jnp.array([1e6]), jnp.array([8.0]), WORK, P
     )
-    n0 = P.noise_w_per_hz
-    r_up = 1e6 * np.log2(1 + 0.1 * 1e-10 / (1e6 * n0))
-    r_dn = 1e6 * np.log2(1 + 1.0 * 1e-10 / (1e6 * n0))
-    t_cf = 4 * 2e6 / (16 * 1e9)
-    t_srv = 3 * 4 * 8e6 * 1 / 100e12
-    t_up = 4 * (100 * 8 + 64) / r_up
-    t_dn = 4 * (32 * 100) / r_dn
+    r_up, r_dn, t_cf, t_srv, t_up, t_dn = _hand_terms()
     agg = 32 * 1000
     latency = 5 * (t_cf + t_up + t_srv + t_dn + 2 * t_cf) + agg / r_up + agg / r_dn
     energy = 5 * (1e-28 * 1e18 * 3 * 4 * 2e6 / 16 + 0.1 * t_up) + 0.1 * agg / r_up
@@ -90,13 +95,7 @@ def test_adapters_and_a_frozen_device_by_hand():
     import dataclasses
 
     dev = _one_device()
-    n0 = P.noise_w_per_hz
-    r_up = 1e6 * np.log2(1 + 0.1 * 1e-10 / (1e6 * n0))
-    r_dn = 1e6 * np.log2(1 + 1.0 * 1e-10 / (1e6 * n0))
-    t_cf = 4 * 2e6 / (16 * 1e9)
-    t_srv = 3 * 4 * 8e6 * 1 / 100e12
-    t_up = 4 * (100 * 8 + 64) / r_up
-    t_dn = 4 * (32 * 100) / r_dn
+    r_up, r_dn, t_cf, t_srv, t_up, t_dn = _hand_terms()
     args = (dev, jnp.array([5]), jnp.array([0.1]), jnp.array([1e6]), jnp.array([8.0]))
     adapters = costs.sflam_round_costs(*args, dataclasses.replace(WORK, client_shared=40), P)
     agg = 32 * 40
