@@ -14,23 +14,17 @@ keep 1; no local-loss phase; a separate local classifier, so that turning the ph
 tail out of it), docs/sfprompt.md says why, with the ablation.
 """
 
-import ml_collections
+import os
+import runpy
 
-from sflam_jax.config import base_config
-from sflam_jax.models import img_focus
+import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = base_config()
-    c.num_rounds = 30
-    c.eval_every = 1
-    c.data.num_clients = 100
-    c.data.image_size = 56
-    c.data.test_samples = 2000
-    c.model.pretrained = img_focus.default_output()
-    c.train.clients_per_round = 5
+    # The setting of fmnist_dinov2_s14.py (the sibling file), with SFPrompt's recipe on top.
+    setting = runpy.run_path(os.path.join(os.path.dirname(__file__), "fmnist_dinov2_s14.py"))
+    c = setting["get_config"]()
     c.algorithm = "sfprompt"
-    c.optimizer.name = "adam"
     c.optimizer.learning_rate = 1e-3
     c.optimizer.head_lr_scale = 1.0
     c.sfprompt.keep = 1.0

@@ -109,7 +109,7 @@ def initial_state(model, params: dict, init_key: jax.Array, lora_cfg=None) -> Ro
     ``lora_cfg.rank`` (the config's ``lora`` block) adapters on the targeted layers of the
     segments ``lora.segments`` names and their frozen base stored at ``lora.base_bits``. Under
     ``"both"`` a segment without a targeted layer (the device's at ``model.cut_layer = 0``) gets
-    none and trains whole, as without LoRA.
+    none and is frozen or trains whole as ``lora.unadapted`` says (``segment_mode``).
 
     Raises:
       ConfigError: the targets name no dense layer of a segment ``lora.segments`` names alone,
